@@ -1,0 +1,1 @@
+"""The fused ops: one module per op (public function, autograd, torch.library registration, module)."""

@@ -1,0 +1,181 @@
+"""The specs: one pure-PyTorch reference per fused op (DESIGN section 2).
+
+Each reference computes in float32 (float64 when given float64) and is differentiated by autograd.
+Every backend (C++ CPU, CUDA, Triton) is tested and benchmarked against these functions; when a
+backend and this file disagree, this file is right.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+REDUCTIONS = ("none", "sum", "batchmean", "mean")
+TEACHER_KINDS = ("logits", "log_probs", "probs")
+MIXES = ("prob", "logit")
+HEAD_MODES = ("logit_mean", "prob_mean")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce(rows: torch.Tensor, valid: torch.Tensor, num_classes: int, reduction: str) -> torch.Tensor:
+    """rows [N] (zero where not valid) -> the requested reduction. No host sync: counts stay tensors."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    n_valid = valid.sum().to(rows.dtype)
+    if reduction == "mean":
+        n_valid = n_valid * num_classes
+    # An all-ignored batch gives loss 0 (and gradient 0), not NaN.
+    return total / n_valid.clamp(min=1)
+
+
+def _kd_rows(
+    student: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    target: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+    t2_scale: bool,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss [N] and row validity [N] for student logits against a tempered teacher distribution."""
+    s2 = temperature * temperature if t2_scale else 1.0
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    p = teacher_log_probs.exp()
+    # 0 * log 0 = 0: entries where the teacher gives probability 0 contribute nothing.
+    kl = torch.where(p > 0, p * (teacher_log_probs - log_q), torch.zeros_like(p)).sum(-1)
+    if target is None:
+        return s2 * kl, torch.ones_like(kl, dtype=torch.bool)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    ce = torch.logsumexp(student, dim=-1) - student.gather(-1, safe_target[:, None]).squeeze(-1)
+    rows = alpha * s2 * kl + (1.0 - alpha) * ce
+    return torch.where(valid, rows, torch.zeros_like(rows)), valid
+
+
+def teacher_log_probs(teacher: torch.Tensor, temperature: float, teacher_kind: str) -> torch.Tensor:
+    """log softmax(t / T) for logits and log-probs, log softmax(log(t) / T) for probs (0 stays 0)."""
+    if teacher_kind == "probs":
+        return F.log_softmax(torch.log(teacher) / temperature, dim=-1)
+    return F.log_softmax(teacher / temperature, dim=-1)
+
+
+def kd_loss_reference(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    t2_scale: bool = True,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    teacher_kind: str = "logits",
+) -> torch.Tensor:
+    """DESIGN 2.1. loss = alpha*s2*KL(p || softmax(s/T)) + (1-alpha)*CE(s, y) per row, s2 = T^2 if t2_scale.
+
+    With target None a row's loss is s2*KL and alpha is unused. Rows whose target is ignore_index
+    count nowhere. The loss is float32 (float64 for float64 input); the teacher is a constant.
+    """
+    cd = compute_dtype(student.dtype)
+    s = student.to(cd)
+    log_p = teacher_log_probs(teacher.detach().to(cd), temperature, teacher_kind)
+    rows, valid = _kd_rows(s, log_p, target, temperature, alpha, t2_scale, ignore_index)
+    return _reduce(rows, valid, student.shape[-1], reduction)
+
+
+def normalize_ensemble_weights(weights: torch.Tensor | None, k: int, n: int, device, dtype) -> torch.Tensor:
+    """None, [K] or [K, N] non-negative weights -> [K, N] weights that sum to 1 over K."""
+    if weights is None:
+        return torch.full((k, n), 1.0 / k, device=device, dtype=dtype)
+    w = weights.to(device=device, dtype=dtype)
+    if w.dim() == 1:
+        w = w[:, None].expand(k, n)
+    return w / w.sum(0, keepdim=True)
+
+
+def ensemble_log_probs(
+    teachers: torch.Tensor, weights: torch.Tensor, temperature: float, mix: str
+) -> torch.Tensor:
+    """teachers [K, N, C] logits, weights [K, N] normalized -> log of the mixture distribution [N, C]."""
+    if mix == "prob":
+        # log sum_k w_k softmax(t_k/T), in log space so that tiny probabilities keep their precision.
+        log_pk = F.log_softmax(teachers / temperature, dim=-1)
+        return torch.logsumexp(log_pk + torch.log(weights)[..., None], dim=0)
+    return F.log_softmax((weights[..., None] * teachers).sum(0) / temperature, dim=-1)
+
+
+def ensemble_kd_loss_reference(
+    student: torch.Tensor,
+    teachers: torch.Tensor | Sequence[torch.Tensor],
+    weights: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    *,
+    mix: str = "prob",
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    t2_scale: bool = True,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """DESIGN 2.2. kd_loss against the mixture of K teachers (logits).
+
+    mix='prob': p = sum_k w_k softmax(t_k/T); mix='logit': p = softmax(sum_k w_k t_k / T).
+    weights None (uniform), [K] or [K, N]; normalized over K.
+    """
+    cd = compute_dtype(student.dtype)
+    t = teachers if isinstance(teachers, torch.Tensor) else torch.stack(list(teachers))
+    t = t.detach().to(cd)
+    k, n = t.shape[0], t.shape[1]
+    w = normalize_ensemble_weights(weights, k, n, t.device, cd)
+    log_p = ensemble_log_probs(t, w, temperature, mix)
+    rows, valid = _kd_rows(student.to(cd), log_p, target, temperature, alpha, t2_scale, ignore_index)
+    return _reduce(rows, valid, student.shape[-1], reduction)
+
+
+def grouped_heads_reference(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    cover: Sequence[Sequence[int]],
+    *,
+    mode: str = "logit_mean",
+) -> torch.Tensor:
+    """DESIGN 2.3. K linear heads over K feature groups, assembled into one C-class output.
+
+    features [N, K*D] (group k is columns k*D..(k+1)*D) or [K, N, D]; weight [K, D, W]; bias [K, W].
+    Head k's output j < |S_k| is class cover[k][j].
+    - 'logit_mean' (W >= max|S_k|): z_c = mean over heads covering c of their logit for c.
+    - 'prob_mean' (W >= max|S_k| + 1): head k's output |S_k| is its 'other' unit; q_k = softmax over
+      its |S_k|+1 real outputs; r_c = mean over covering heads of q_k[c]; returns log(r / sum r).
+    Outputs past a head's real ones are padding and ignored. Returns [N, C] in the features' dtype.
+    """
+    cd = compute_dtype(features.dtype)
+    k, d = weight.shape[0], weight.shape[1]
+    h = features.view(features.shape[0], k, d) if features.dim() == 2 else features.permute(1, 0, 2)
+    u = torch.einsum("nkd,kdw->nkw", h.to(cd), weight.to(cd)) + bias.to(cd)  # [N, K, W]
+    sizes = [len(s) for s in cover]
+    num_classes = 1 + max(max(s) for s in cover)
+    counts = torch.zeros(num_classes, dtype=cd, device=features.device)
+    for s in cover:
+        counts[list(s)] += 1
+    n = u.shape[0]
+    if mode == "logit_mean":
+        z = u.new_zeros(n, num_classes)
+        for j, s in enumerate(cover):
+            z = z.index_add(1, torch.as_tensor(list(s), device=u.device), u[:, j, : sizes[j]])
+        return (z / counts).to(features.dtype)
+    # prob_mean, in log space: log r_c = logsumexp over covering heads of log q_k[c] - log count(c).
+    per_class = u.new_full((n, num_classes, k), -math.inf)
+    for j, s in enumerate(cover):
+        log_q = F.log_softmax(u[:, j, : sizes[j] + 1], dim=-1)
+        per_class[:, list(s), j] = log_q[:, : sizes[j]]
+    log_r = torch.logsumexp(per_class, dim=-1) - torch.log(counts)
+    return (log_r - torch.logsumexp(log_r, dim=-1, keepdim=True)).to(features.dtype)
