@@ -3,6 +3,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ued_fast.covers import (
     confusion,
@@ -64,6 +66,28 @@ def test_rfold_every_class_exactly_r_times(c, r, size):
     assert all(len(s) == size for s in cover)
     assert len(cover) == c * r // size
     assert all(list(s) == sorted(s) for s in cover)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 60), st.data())
+def test_rfold_property_random(c, data):
+    r = data.draw(st.integers(1, min(c, 4)))
+    sizes = [s for s in range(1, c + 1) if (c * r) % s == 0]
+    size = data.draw(st.sampled_from(sizes))
+    cover = rfold(c, r=r, size=size)
+    assert cover_counts(cover, c) == [r] * c
+    assert all(len(s) == size for s in cover)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 60), st.data())
+def test_contiguous_property_random(c, data):
+    k = data.draw(st.integers(1, c))
+    overlap = data.draw(st.integers(0, max(0, c // k - 1)))
+    cover = contiguous(c, k=k, overlap=overlap)
+    assert len(cover) == k and validate_cover(cover, c) == cover
+    if k > 1:
+        assert all(len(set(a) & set(b)) == overlap for a, b in zip(cover, cover[1:]))
 
 
 def test_rfold_default_k_and_k_argument():

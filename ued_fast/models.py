@@ -320,6 +320,9 @@ TEACHER_ARCHS = {
     "teacher_l": ((64, 128, 256), (2, 2, 2)),
     "teacher_xl": ((128, 256, 512), (2, 2, 2)),
 }
+# The teacher-strength sweep, smallest first; the "strong single teacher" baseline is the largest.
+TEACHER_SWEEP = tuple(TEACHER_ARCHS)
+STRONG_TEACHER = TEACHER_SWEEP[-1]
 # The student of every experiment row: ~104k parameters at 32x32x3 / 10 classes (authors: 107k).
 STUDENT_ARCH = ((32, 64, 128), (2, 1, 1))
 STUDENT_SMALL_ARCH = ((16, 32, 64), (1, 1, 1))
