@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from ued_fast.covers import (
     confusion,
+    confusion_matrix,
     contiguous,
     cover_counts,
     cover_index,
@@ -234,3 +235,17 @@ def test_make_cover_specs(tmp_path):
 def test_cover_index_pads_with_minus_one():
     idx = cover_index(((0, 1), (1, 2, 3)))
     assert idx.tolist() == [[0, 1, -1], [1, 2, 3]]
+
+
+def test_confusion_matrix_counts_and_feeds_confusion():
+    import torch
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3])
+    preds = torch.tensor([0, 1, 1, 0, 2, 3, 3, 2, 3])
+    m = confusion_matrix(preds, labels, 4)
+    assert m.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 2]]
+    assert set(confusion(m, k=2, overlap=0)) == {(0, 1), (2, 3)}
+    with pytest.raises(ValueError, match="predictions"):
+        confusion_matrix(torch.tensor([4]), torch.tensor([0]), 4)
+    with pytest.raises(ValueError, match="entries"):
+        confusion_matrix(torch.tensor([0, 1]), torch.tensor([0]), 4)
