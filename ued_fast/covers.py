@@ -61,3 +61,257 @@ def cover_index(cover: Cover, width: int | None = None, device=None) -> torch.Te
     for k, s in enumerate(cover):
         index[k, : len(s)] = torch.tensor(s, dtype=torch.int64)
     return index.to(device) if device is not None else index
+
+
+# --- Constructions -------------------------------------------------------------------------------
+
+# The authors' C=10, K=5 pattern (DESIGN 1.1); for C = 10*m each class b stands for the block of m
+# classes b*m..(b+1)*m-1, which gives their C=100 cover 0-19, 10-39, 30-59, 60-79, 80-99.
+AUTHORS_CONTIGUOUS_10 = ((0, 1), (1, 2, 3), (3, 4, 5), (6, 7), (8, 9))
+# The authors' v2 cover: every class in exactly 2 of 5 subsets of 4 classes.
+AUTHORS_RFOLD_10 = ((0, 1, 2, 3), (1, 2, 3, 4), (4, 5, 6, 7), (6, 7, 8, 9), (0, 5, 8, 9))
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def contiguous(num_classes: int, k: int | None = None, overlap: int | None = None) -> Cover:
+    """K contiguous windows over classes 0..C-1.
+
+    overlap None with K = 5 and C a multiple of 10: the authors' pattern ({0,1}, {1,2,3}, {3,4,5},
+    {6,7}, {8,9}, scaled by C/10). Otherwise the classes are split into K blocks whose sizes differ
+    by at most one, and each window is its block widened by `overlap` classes across every inner
+    boundary (floor(overlap/2) to the left, the rest to the right), so adjacent windows share
+    `overlap` classes. overlap None there means half a block, at least one: max(1, (C // K) // 2)
+    (0 when K = 1).
+    k None means min(5, C).
+    """
+    c = _check_int("num_classes", num_classes, 1)
+    k = min(5, c) if k is None else _check_int("k", k, 1)
+    if k > c:
+        raise ValueError(f"k={k} windows cannot each hold a class when num_classes={c}")
+    if overlap is None and k == 5 and c % 10 == 0:
+        m = c // 10
+        return tuple(tuple(range(s[0] * m, (s[-1] + 1) * m)) for s in AUTHORS_CONTIGUOUS_10)
+    if overlap is None:
+        overlap = 0 if k == 1 else max(1, (c // k) // 2)
+    overlap = _check_int("overlap", overlap, 0)
+    if overlap > c - 1:
+        raise ValueError(f"overlap={overlap} must be < num_classes={c}")
+    bounds = [(i * c) // k for i in range(k + 1)]
+    left, right = overlap // 2, overlap - overlap // 2
+    windows = []
+    for i in range(k):
+        lo = bounds[i] - left if i > 0 else 0
+        hi = bounds[i + 1] + right if i < k - 1 else c
+        windows.append(tuple(range(max(0, lo), min(c, hi))))
+    return validate_cover(windows, c, name="contiguous cover")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def rfold(num_classes: int, r: int = 2, size: int | None = None, k: int | None = None) -> Cover:
+    """K subsets of `size` classes each, every class in exactly r of them (so K = C*r/size).
+
+    C=10, r=2, size=4: the authors' v2 cover {0-3}, {1-4}, {4-7}, {6-9}, {0,5,8,9}.
+    Otherwise subset j is the cyclic window of `size` classes starting at floor(j*C/K): the starts
+    are evenly spaced with gap size/r, so each class lies in exactly r windows. Give size or k (not
+    both); with neither, K is the divisor of C*r in [r, C*r] closest to 5 (ties: the larger).
+    """
+    c = _check_int("num_classes", num_classes, 1)
+    r = _check_int("r", r, 1)
+    if r > c:
+        raise ValueError(f"r={r} subsets per class needs r <= num_classes={c} (subsets are distinct)")
+    total = c * r
+    if size is not None and k is not None:
+        raise ValueError("give rfold either size or k, not both")
+    if size is not None:
+        size = _check_int("size", size, 1)
+        if size > c:
+            raise ValueError(f"size={size} must be <= num_classes={c}")
+        if total % size:
+            raise ValueError(f"size={size} must divide num_classes*r = {total} for every class to be in exactly r={r} subsets")
+        k = total // size
+    elif k is not None:
+        k = _check_int("k", k, 1)
+        if total % k or k < r:
+            raise ValueError(f"k={k} must divide num_classes*r = {total} and be >= r={r}")
+        size = total // k
+    else:
+        k = min((d for d in _divisors(total) if d >= r), key=lambda d: (abs(d - 5), -d))
+        size = total // k
+    if (c, r, size) == (10, 2, 4):
+        return AUTHORS_RFOLD_10
+    subsets = []
+    for j in range(k):
+        start = (j * c) // k
+        subsets.append(tuple(sorted((start + i) % c for i in range(size))))
+    return validate_cover(subsets, c, name="rfold cover")
+
+
+def confusion(confusion_matrix, k: int, overlap: int = 1, *, method: str = "spectral") -> Cover:
+    """Subsets from a generalist's confusion matrix: classes often confused share a specialist.
+
+    confusion_matrix [C, C] (row: true class, column: predicted; counts or rates). Rows are
+    normalized to rates, the matrix symmetrized and its diagonal dropped; the classes are split
+    into k clusters (method 'spectral': normalized-cut spectral clustering, or 'agglomerative':
+    average linkage on 1 - affinity), then each cluster is widened by the `overlap` outside classes
+    it confuses most (ties: the smaller class index). Deterministic.
+    """
+    import numpy as np
+
+    m = np.asarray(confusion_matrix.detach().cpu() if isinstance(confusion_matrix, torch.Tensor) else confusion_matrix, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 1:
+        raise ValueError(f"confusion_matrix must be a square [C, C] matrix, got shape {m.shape}")
+    if not np.all(np.isfinite(m)) or np.any(m < 0):
+        raise ValueError("confusion_matrix must hold finite, non-negative entries")
+    c = m.shape[0]
+    k = _check_int("k", k, 1)
+    if k > c:
+        raise ValueError(f"k={k} clusters cannot each hold a class when C={c}")
+    overlap = _check_int("overlap", overlap, 0)
+    if method not in ("spectral", "agglomerative"):
+        raise ValueError(f"method must be 'spectral' or 'agglomerative', got {method!r}")
+    rates = m / np.maximum(m.sum(axis=1, keepdims=True), 1e-12)
+    affinity = (rates + rates.T) / 2
+    np.fill_diagonal(affinity, 0.0)
+    labels = _cluster(affinity, k, method)
+    clusters = [sorted(int(i) for i in np.flatnonzero(labels == g)) for g in range(k)]
+    # Order clusters by their smallest class so equal inputs give equal covers.
+    clusters.sort(key=lambda s: s[0])
+    widened = []
+    for members in clusters:
+        outside = [i for i in range(c) if i not in members]
+        score = affinity[members].sum(axis=0)
+        extra = sorted(outside, key=lambda i: (-score[i], i))[:overlap]
+        widened.append(tuple(sorted(members + extra)))
+    return validate_cover(widened, c, name="confusion cover")
+
+
+def confusion_matrix(predictions, labels, num_classes: int) -> torch.Tensor:
+    """[C, C] int64 counts, row = true class, column = predicted class (input of confusion())."""
+    predictions, labels = torch.as_tensor(predictions).reshape(-1), torch.as_tensor(labels).reshape(-1)
+    if predictions.shape != labels.shape:
+        raise ValueError(f"predictions has {predictions.numel()} entries but labels has {labels.numel()}")
+    c = _check_int("num_classes", num_classes, 1)
+    for name, t in (("predictions", predictions), ("labels", labels)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
+            raise ValueError(f"{name} holds a class outside [0, {c})")
+    flat = labels.long().cpu() * c + predictions.long().cpu()
+    return torch.bincount(flat, minlength=c * c).reshape(c, c)
+
+
+def _cluster(affinity, k: int, method: str):
+    import numpy as np
+
+    c = affinity.shape[0]
+    if k == 1:
+        return np.zeros(c, dtype=np.int64)
+    if k == c:
+        return np.arange(c)
+    if method == "spectral":
+        from sklearn.cluster import SpectralClustering
+
+        # A small floor keeps the graph connected (classes never confused still get placed).
+        scale = affinity.max() if affinity.max() > 0 else 1.0
+        graph = affinity / scale + 1e-3
+        np.fill_diagonal(graph, 1.0)
+        labels = SpectralClustering(
+            n_clusters=k, affinity="precomputed", assign_labels="discretize", random_state=0
+        ).fit_predict(graph)
+        if len(set(labels.tolist())) == k:
+            return labels
+        # Spectral clustering left a cluster empty: fall back to the deterministic method.
+    from sklearn.cluster import AgglomerativeClustering
+
+    scale = affinity.max() if affinity.max() > 0 else 1.0
+    distance = 1.0 - affinity / scale
+    np.fill_diagonal(distance, 0.0)
+    return AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average").fit_predict(distance)
+
+
+# --- Files and specs -----------------------------------------------------------------------------
+
+COVER_BUILDERS = {"contiguous": contiguous, "rfold": rfold, "confusion": confusion}
+
+
+def _read_structured(path) -> object:
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"cover file {str(p)!r} does not exist")
+    text = p.read_text()
+    if p.suffix.lower() == ".json":
+        return json.loads(text)
+    import yaml
+
+    return yaml.safe_load(text)  # YAML is a superset of JSON, so other suffixes parse too
+
+
+def load_cover(path, num_classes: int | None = None) -> Cover:
+    """A cover from a JSON or YAML file: a list of lists, {'cover': [[...], ...]}, or a spec dict
+    ({'name': 'rfold', 'r': 2, ...}, which then needs num_classes)."""
+    data = _read_structured(path)
+    if isinstance(data, dict) and "cover" in data and len(data) == 1:
+        data = data["cover"]
+    if isinstance(data, dict):
+        if num_classes is None:
+            raise ValueError(f"cover file {str(path)!r} holds a spec, so num_classes is needed")
+        return make_cover(data, num_classes)
+    return validate_cover(data, num_classes, name=f"cover in {path}")
+
+
+def make_cover(spec, num_classes: int) -> Cover:
+    """Build a cover from a config value.
+
+    spec: a name ('contiguous', 'rfold', 'confusion' needs a matrix so only as a dict), a path to a
+    .json/.yaml/.yml file, a dict {'name': <name>, **kwargs} (e.g. {'name': 'rfold', 'r': 2}; for
+    'confusion': 'matrix' as a nested list or 'matrix_path' to a .npy/.json/.yaml file), or an
+    explicit list of lists.
+    """
+    num_classes = _check_int("num_classes", num_classes, 1)
+    if isinstance(spec, str):
+        if spec.lower().endswith((".json", ".yaml", ".yml")):
+            return load_cover(spec, num_classes)
+        spec = {"name": spec}
+    if isinstance(spec, dict):
+        kwargs = dict(spec)
+        name = kwargs.pop("name", kwargs.pop("type", None))
+        if name not in COVER_BUILDERS:
+            raise ValueError(f"cover spec names {name!r}; known covers: {sorted(COVER_BUILDERS)}")
+        if name == "confusion":
+            matrix = _confusion_matrix_from(kwargs, num_classes)
+            if "k" not in kwargs:
+                raise ValueError("a 'confusion' cover spec needs k (the number of specialists)")
+            return confusion(matrix, **kwargs)
+        try:
+            return validate_cover(COVER_BUILDERS[name](num_classes, **kwargs), num_classes, name="cover")
+        except TypeError as e:
+            if "unexpected keyword" in str(e):
+                raise TypeError(f"cover spec {spec!r}: {e}") from None
+            raise
+    return validate_cover(spec, num_classes, name="cover")
+
+
+def _confusion_matrix_from(kwargs: dict, num_classes: int):
+    import numpy as np
+
+    if "matrix" in kwargs:
+        matrix = np.asarray(kwargs.pop("matrix"), dtype=np.float64)
+    elif "matrix_path" in kwargs:
+        path = str(kwargs.pop("matrix_path"))
+        matrix = np.load(path) if path.endswith(".npy") else np.asarray(_read_structured(path), dtype=np.float64)
+    else:
+        raise ValueError("a 'confusion' cover spec needs 'matrix' or 'matrix_path'")
+    if matrix.shape != (num_classes, num_classes):
+        raise ValueError(f"confusion matrix has shape {matrix.shape}, expected ({num_classes}, {num_classes})")
+    return matrix
