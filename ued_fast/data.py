@@ -345,10 +345,6 @@ class _Layout:
     downloadable: bool = False
 
 
-def _per_split(fn, splits_to_args):
-    return {s: fn(*a) for s, a in splits_to_args.items()}
-
-
 _CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                     "truck")
 _CIFAR100_CLASSES = (
@@ -618,9 +614,18 @@ def _parse_expected(value: str, file: str) -> tuple[str, str]:
     return algo, hexval
 
 
-def _expected_checksum(info: DatasetInfo, path: Path, overrides: Mapping[str, str] | None):
-    if overrides and path.name in overrides:
-        return _parse_expected(overrides[path.name], path.name)
+def _parse_overrides(checksums: Mapping[str, str] | None) -> dict[str, tuple[str, str]]:
+    if checksums is None:
+        return {}
+    if not isinstance(checksums, Mapping):
+        raise TypeError(f"checksums must be a mapping {{file name: hex digest}}, got "
+                        f"{type(checksums).__name__}")
+    return {Path(k).name: _parse_expected(v, k) for k, v in checksums.items()}
+
+
+def _expected_checksum(info: DatasetInfo, path: Path, overrides: Mapping[str, tuple[str, str]]):
+    if path.name in overrides:
+        return overrides[path.name]
     entry = info.file(path.name)
     return entry.checksum if entry else None
 
@@ -729,6 +734,7 @@ def download(name: str, root: str | os.PathLike | None = None, *, splits: Sequen
     URLs: the file is fetched from ``<mirror>/<file name>``. Returns the paths of the files.
     """
     info = get_info(name)
+    overrides = _parse_overrides(checksums)
     if not info.layouts:
         return []  # embedded dataset
     root = Path(root).expanduser() if root is not None else dataset_root(info.name)
@@ -741,7 +747,7 @@ def download(name: str, root: str | os.PathLike | None = None, *, splits: Sequen
             if dest not in paths:
                 if not dest.is_file():
                     entry = info.file(dest.name) or DatasetFile(dest.name)
-                    expected = _expected_checksum(info, dest, checksums) if verify else None
+                    expected = _expected_checksum(info, dest, overrides) if verify else None
                     _fetch(entry, dest, mirror, expected, timeout)
                 paths.append(dest)
     return paths
@@ -871,6 +877,7 @@ def load(name: str, split: str, root: str | os.PathLike | None = None, *, downlo
     """
     info = get_info(name)
     _check_split(split)
+    overrides = _parse_overrides(checksums)
     if not info.layouts:  # embedded (digits)
         images, labels = _digits_arrays()[split]
         return torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
@@ -885,7 +892,7 @@ def load(name: str, split: str, root: str | os.PathLike | None = None, *, downlo
     layout, paths = found
     cache_dir = _cache_dir(root, cache)
     if verify:
-        _verify(info, paths, checksums, _Stamps(cache_dir))
+        _verify(info, paths, overrides, _Stamps(cache_dir))
     stem = None
     if cache_dir is not None:
         stem = cache_dir / f"{info.name}-{split}-{_cache_key(info, split, layout, root, paths)}"
