@@ -517,13 +517,20 @@ def test_cache_locations(tmp_path, monkeypatch):
     assert list((tmp_path / "envcache").glob("mnist-test-*.images.npy"))
     monkeypatch.delenv("UED_FAST_CACHE_DIR")
 
-    # a read-only root (like ../shared/data) falls back to $XDG_CACHE_HOME/ued_fast/arrays
-    real = data._writable_dir
-    monkeypatch.setattr(data, "_writable_dir",
-                        lambda p: False if "root" in p.parts else real(p))
-    data.load("mnist", "test", tmp_path / "root", verify=False)
-    assert list((tmp_path / "xdg-cache" / "ued_fast" / "arrays").glob("mnist-test-*.images.npy"))
-    assert not (tmp_path / "root" / ".ued_fast_cache").exists()
+    # a read-only root (like ../shared/data) falls back to $XDG_CACHE_HOME/ued_fast/arrays, also
+    # for root, whom permission bits do not stop
+    (tmp_path / "root").chmod(0o555)
+    try:
+        data.load("mnist", "test", tmp_path / "root", verify=False)
+        assert not (tmp_path / "root" / ".ued_fast_cache").exists()
+    finally:
+        (tmp_path / "root").chmod(0o755)
+    fallback = tmp_path / "xdg-cache" / "ued_fast" / "arrays"
+    assert len(list(fallback.glob("mnist-test-*.images.npy"))) == 1
+    # another root with the same dataset gets its own entry in the shared fallback folder
+    _write_mnist(tmp_path / "root2", "test", *_random_mnist(rng, 2))
+    data.load("mnist", "test", tmp_path / "root2", verify=False, cache=fallback)
+    assert len(list(fallback.glob("mnist-test-*.images.npy"))) == 2
 
 
 # ----------------------------------------------------------------------------- download (loopback only)
@@ -631,8 +638,15 @@ def test_normalize():
 
 # ----------------------------------------------------------------------------- real data
 def _channel_stats(images: torch.Tensor):
-    a = images.numpy().astype(np.float64) / 255
-    return a.mean(axis=(0, 2, 3)), a.std(axis=(0, 2, 3))
+    """Exact per-channel mean and population std on the [0, 1] scale, from 256-bin histograms."""
+    values = np.arange(256, dtype=np.float64) / 255
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double().numpy()
+        mean = (counts * values).sum() / counts.sum()
+        means.append(mean)
+        stds.append(np.sqrt((counts * (values - mean) ** 2).sum() / counts.sum()))
+    return np.array(means), np.array(stds)
 
 
 @needs_shared

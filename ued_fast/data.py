@@ -554,12 +554,27 @@ def dataset_root(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     return parent / info.name
 
 
-def _writable_dir(path: Path) -> bool:
+def _may_write(path: Path) -> bool:
+    """os.access, but a folder with no write bit at all counts as read-only even for root (who
+    may write anywhere): a data folder marked read-only must not get a cache inside it."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        return os.access(path, os.W_OK | os.X_OK) and bool(path.stat().st_mode & 0o222)
     except OSError:
         return False
-    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _writable_dir(path: Path) -> bool:
+    if not path.is_dir():
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not _may_write(parent):
+            return False
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+    return _may_write(path)
 
 
 def _cache_dir(root: Path, cache) -> Path | None:
@@ -569,7 +584,7 @@ def _cache_dir(root: Path, cache) -> Path | None:
         path = Path(cache).expanduser()
     elif os.environ.get("UED_FAST_CACHE_DIR"):
         path = Path(os.environ["UED_FAST_CACHE_DIR"]).expanduser()
-    elif root.is_dir() and os.access(root, os.W_OK) and _writable_dir(root / ".ued_fast_cache"):
+    elif root.is_dir() and _may_write(root) and _writable_dir(root / ".ued_fast_cache"):
         return root / ".ued_fast_cache"
     else:
         path = _user_cache_home() / "ued_fast" / "arrays"
@@ -803,13 +818,16 @@ def _check_arrays(info: DatasetInfo, images: np.ndarray, labels: np.ndarray, sou
                                f"[0, {info.num_classes})")
 
 
-def _cache_key(info, split, layout, root: Path, paths: Sequence[Path]) -> str:
+def _cache_stem(cache_dir: Path, info, split, layout, root: Path, paths: Sequence[Path]) -> Path:
+    """<name>-<split>-<root hash>-<content key>: one cached version per (root, split); the key
+    changes with the format version, the layout and each source file's name, size and mtime."""
     files = []
     for p in paths:
         st = p.stat()
         files.append([p.name, st.st_size, st.st_mtime_ns])
-    blob = json.dumps([_CACHE_FORMAT, info.name, split, layout.name, str(root.resolve()), files])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    root_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    blob = json.dumps([_CACHE_FORMAT, info.name, split, layout.name, files])
+    return cache_dir / f"{info.name}-{split}-{root_id}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
 def _load_cached(info, stem: Path):
@@ -895,7 +913,7 @@ def load(name: str, split: str, root: str | os.PathLike | None = None, *, downlo
         _verify(info, paths, overrides, _Stamps(cache_dir))
     stem = None
     if cache_dir is not None:
-        stem = cache_dir / f"{info.name}-{split}-{_cache_key(info, split, layout, root, paths)}"
+        stem = _cache_stem(cache_dir, info, split, layout, root, paths)
         cached = _load_cached(info, stem)
         if cached is not None:
             return torch.from_numpy(cached[0]), torch.from_numpy(cached[1])
