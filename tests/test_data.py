@@ -150,6 +150,9 @@ def test_unknown_name_and_split():
         data.load("digits", "validation")
     with pytest.raises(TypeError):
         data.get_info(3)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_workers"):
+            data.load("digits", "train", num_workers=bad)
     assert data.get_info("Fashion_MNIST") is data.DATASETS["fashion-mnist"]
     assert data.get_info("CIFAR-10") is data.DATASETS["cifar10"]
 

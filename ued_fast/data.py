@@ -830,8 +830,12 @@ def _cache_stem(cache_dir: Path, info, split, layout, root: Path, paths: Sequenc
     return cache_dir / f"{info.name}-{split}-{root_id}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
+def _cache_file(stem: Path, kind: str) -> Path:
+    return stem.with_name(f"{stem.name}.{kind}.npy")
+
+
 def _load_cached(info, stem: Path):
-    img_path, lab_path = stem.with_suffix(".images.npy"), stem.with_suffix(".labels.npy")
+    img_path, lab_path = _cache_file(stem, "images"), _cache_file(stem, "labels")
     if not (img_path.is_file() and lab_path.is_file()):
         return None
     try:
@@ -848,8 +852,8 @@ def _save_cached(stem: Path, images: np.ndarray, labels: np.ndarray) -> None:
         if not old.name.startswith(stem.name + "."):
             with contextlib.suppress(OSError):
                 old.unlink()
-    _atomic_write(stem.with_suffix(".labels.npy"), lambda f: np.save(f, labels))
-    _atomic_write(stem.with_suffix(".images.npy"), lambda f: np.save(f, images))
+    _atomic_write(_cache_file(stem, "labels"), lambda f: np.save(f, labels))
+    _atomic_write(_cache_file(stem, "images"), lambda f: np.save(f, images))
 
 
 @lru_cache(maxsize=1)
@@ -896,6 +900,9 @@ def load(name: str, split: str, root: str | os.PathLike | None = None, *, downlo
     info = get_info(name)
     _check_split(split)
     overrides = _parse_overrides(checksums)
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 1):
+        raise ValueError(f"num_workers must be None or an int >= 1, got {num_workers!r}")
     if not info.layouts:  # embedded (digits)
         images, labels = _digits_arrays()[split]
         return torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
@@ -903,7 +910,7 @@ def load(name: str, split: str, root: str | os.PathLike | None = None, *, downlo
     found = _resolve(info, root, split)
     if found is None and download:
         _download(info.name, root, splits=(split,), mirror=mirror, verify=verify,
-                              checksums=checksums)
+                  checksums=checksums)
         found = _resolve(info, root, split)
     if found is None:
         raise FileNotFoundError(_missing_message(info, root, split))
