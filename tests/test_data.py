@@ -425,6 +425,10 @@ def test_cifar10_png_archives(tmp_path, num_workers):
         np.testing.assert_array_equal(y.numpy(), expected[split][1])
     with pytest.raises(data.DatasetFileError, match="cifar10-png-test.tar.gz.*sha256 01890684"):
         data.load("cifar10", "test", tmp_path)
+    # a broken archive among several is named, also when a worker process decoded it
+    (tmp_path / "cifar10-png-train-3.tar.gz").write_bytes(b"\x1f\x8b\x08broken")
+    with pytest.raises(data.DatasetFileError, match="cifar10-png-train-3.tar.gz"):
+        data.load("cifar10", "train", tmp_path, verify=False, cache=False, num_workers=num_workers)
 
 
 def test_cifar10_png_non_rgb_and_bad_members(tmp_path):
