@@ -24,8 +24,8 @@ CASES = backend_cases("kd_loss")
 # The Triton interpreter evaluates masked-out lanes too (exp(-inf - -inf)): numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-# Error bound constant: measured worst cases sit below a quarter of it.
-SLACK = 64.0
+# Error bound constant: measured worst cases (cpp, reference; fp32, fp64) sit near 1/8 of it.
+SLACK = 8.0
 
 
 def make_inputs(n, c, dtype, device, *, seed=0, scale=3.0, teacher_kind="logits", ignored=0.1):
