@@ -70,10 +70,14 @@ _MAX_START = -1.0e30
 
 
 @triton.jit
-def _tempered_teacher(t, inv_t, TEACHER_KIND: tl.constexpr):
-    """a = t/T for logits (0) and log-probs (1), log(t)/T for probs (2): a zero prob becomes -inf."""
+def _load_tempered_teacher(ptrs, mask, inv_t, TEACHER_KIND: tl.constexpr, EVICT: tl.constexpr):
+    """a = t/T for logits (0) and log-probs (1), log(t)/T for probs (2), in fp32; -inf where masked.
+
+    A zero probability becomes -inf, so masked probs load as 0 (log(-inf) would be NaN)."""
     if TEACHER_KIND == 2:
+        t = tl.load(ptrs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
         return tl.log(t) * inv_t
+    t = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
     return t * inv_t
 
 
@@ -100,9 +104,8 @@ def _kd_small_c_kernel(
 
     s = tl.load(s_ptr + rows[:, None] * s_row_stride + cols[None, :], mask=mask,
                 other=float("-inf")).to(tl.float32)
-    t = tl.load(t_ptr + rows[:, None] * t_row_stride + cols[None, :], mask=mask,
-                other=float("-inf")).to(tl.float32)
-    a = _tempered_teacher(t, inv_t, TEACHER_KIND)
+    a = _load_tempered_teacher(t_ptr + rows[:, None] * t_row_stride + cols[None, :], mask, inv_t,
+                               TEACHER_KIND, "")
     b = s * inv_t
 
     # Rows that are not live hold only -inf: give them max 0 so that no inf - inf NaN is made.
@@ -194,9 +197,7 @@ def _kd_chunked_kernel(
         mask = cols < read_cols
         s = tl.load(s_row + cols, mask=mask, other=float("-inf"),
                     eviction_policy="evict_last").to(tl.float32)
-        t = tl.load(t_row + cols, mask=mask, other=float("-inf"),
-                    eviction_policy="evict_last").to(tl.float32)
-        a = _tempered_teacher(t, inv_t, TEACHER_KIND)
+        a = _load_tempered_teacher(t_row + cols, mask, inv_t, TEACHER_KIND, "evict_last")
         max_a, sum_a = _online_update(max_a, sum_a, a)
         # b's lane max is s's lane max * inv_t, so b's update shares s's comparison.
         b_dist = tl.exp(-tl.abs(s - max_s) * inv_t)
@@ -229,9 +230,7 @@ def _kd_chunked_kernel(
         mask = cols < read_cols
         s = tl.load(s_row + cols, mask=mask, other=float("-inf"),
                     eviction_policy="evict_first").to(tl.float32)
-        t = tl.load(t_row + cols, mask=mask, other=float("-inf"),
-                    eviction_policy="evict_first").to(tl.float32)
-        a = _tempered_teacher(t, inv_t, TEACHER_KIND)
+        a = _load_tempered_teacher(t_row + cols, mask, inv_t, TEACHER_KIND, "evict_first")
         b = s * inv_t
         p = tl.exp(a - row_max_a) * inv_sum_a
         log_ratio = (a - log_norm_a) - (b - log_norm_b)
