@@ -40,6 +40,8 @@ chunk= overrides, used by the tests to force either path.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -84,7 +86,7 @@ def _load_tempered_teacher(ptrs, mask, inv_t, TEACHER_KIND: tl.constexpr, EVICT:
 @triton.jit
 def _kd_small_c_kernel(
     s_ptr, t_ptr, y_ptr, loss_ptr, grad_ptr,
-    n_rows, n_cols, s_row_stride, t_row_stride,
+    n_rows, n_cols, s_row_stride, t_row_stride, y_stride,
     inv_t, kl_loss_coef, ce_coef, kl_grad_coef, ignore_index,
     HAS_TARGET: tl.constexpr, TEACHER_KIND: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -95,7 +97,7 @@ def _kd_small_c_kernel(
     row_in = rows < n_rows
     col_in = cols < n_cols
     if HAS_TARGET:
-        y = tl.load(y_ptr + rows, mask=row_in, other=ignore_index)
+        y = tl.load(y_ptr + rows * y_stride, mask=row_in, other=ignore_index)
         live = row_in & (y != ignore_index)
         y_ok = (y >= 0) & (y < n_cols)
     else:
@@ -167,7 +169,7 @@ def _merge_lanes(run_max, run_sum):
 @triton.jit
 def _kd_chunked_kernel(
     s_ptr, t_ptr, y_ptr, loss_ptr, grad_ptr,
-    n_cols, s_row_stride, t_row_stride,
+    n_cols, s_row_stride, t_row_stride, y_stride,
     inv_t, kl_loss_coef, ce_coef, kl_grad_coef, ignore_index,
     HAS_TARGET: tl.constexpr, TEACHER_KIND: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     CHUNK: tl.constexpr, MAX_START: tl.constexpr,
@@ -180,7 +182,7 @@ def _kd_chunked_kernel(
     live = row >= 0  # a true scalar tensor: rows are live unless their target is ignore_index
     y_ok = live
     if HAS_TARGET:
-        y = tl.load(y_ptr + row)
+        y = tl.load(y_ptr + row * y_stride)
         live = y != ignore_index
         y_ok = (y >= 0) & (y < n_cols)
     # Columns to read: none on an ignored row (a scalar-and-vector mask '&' trips the interpreter).
@@ -348,24 +350,33 @@ def kd_loss_fwd(
     ce_coef = (1.0 - alpha) if has_target else 0.0
     # Unused pointer arguments get a real tensor: the kernels never read them (constexpr flags).
     y = target if has_target else row_loss
+    y_stride = target.stride(0) if has_target else 0
     g = grad if compute_grad else row_loss
     scalars = (inv_t, kl_weight, ce_coef, kl_weight * inv_t, int(ignore_index))
     flags = dict(HAS_TARGET=has_target, TEACHER_KIND=int(teacher_kind), COMPUTE_GRAD=bool(compute_grad))
 
     if kernel == "auto":
         kernel = choose_kernel(student, teacher)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _launch(kernel, chunk, student, teacher, y, row_loss, g, y_stride, scalars, flags)
+    return row_loss, grad
+
+
+def _launch(kernel, chunk, student, teacher, y, row_loss, g, y_stride, scalars, flags):
+    n_rows, n_cols = student.shape
     if kernel == "small":
         block_n, block_c, num_warps = small_c_config(n_rows, n_cols)
         grid = (triton.cdiv(n_rows, block_n),)
         _kd_small_c_kernel[grid](
-            student, teacher, y, row_loss, g, n_rows, n_cols, student.stride(0), teacher.stride(0),
-            *scalars, **flags, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps,
+            student, teacher, y, row_loss, g, n_rows, n_cols,
+            student.stride(0), teacher.stride(0), y_stride, *scalars, **flags,
+            BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps,
         )
     else:
         default_chunk, num_warps = chunked_config(student, teacher)
         block = chunk or default_chunk
         _kd_chunked_kernel[(n_rows,)](
-            student, teacher, y, row_loss, g, n_cols, student.stride(0), teacher.stride(0),
-            *scalars, **flags, CHUNK=block, MAX_START=_MAX_START, num_warps=num_warps,
+            student, teacher, y, row_loss, g, n_cols,
+            student.stride(0), teacher.stride(0), y_stride, *scalars, **flags,
+            CHUNK=block, MAX_START=_MAX_START, num_warps=num_warps,
         )
-    return row_loss, grad

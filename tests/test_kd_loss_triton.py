@@ -221,8 +221,8 @@ def test_strided_rows(kernel):
     t_big = torch.randn(5, 150, generator=gen, dtype=torch.float64).to(DEVICE).to(torch.bfloat16)
     s = s_big[::2, 5:75]   # row stride 180
     t = t_big[:, 10:80]    # row stride 150, another dtype
-    y = torch.tensor([0, 69, -100, 3, 40], device=DEVICE)
-    assert s.stride() == (180, 1) and t.stride() == (150, 1)
+    y = torch.tensor([0, 1, 69, 1, -100, 1, 3, 1, 40, 1], device=DEVICE)[::2]  # strided target too
+    assert s.stride() == (180, 1) and t.stride() == (150, 1) and y.stride() == (2,)
     _check(s, t, y, kernel=kernel, chunk=32 if kernel == "chunked" else None)
 
 
@@ -260,7 +260,8 @@ def test_kernel_choice_by_class_count_and_dtype():
     assert pick(tk.SMALL_C_LIMIT_2BYTE, torch.bfloat16) == "small"
     assert pick(tk.SMALL_C_LIMIT_2BYTE + 1, torch.bfloat16) == "chunked"
     assert pick(tk.SMALL_C_LIMIT_2BYTE, torch.bfloat16, torch.float32) == "chunked"
-    chunk, warps = tk.chunked_config(torch.empty(1, 1, dtype=torch.bfloat16), torch.empty(1, 1, dtype=torch.float16))
+    bf16, fp16 = torch.empty(1, 1, dtype=torch.bfloat16), torch.empty(1, 1, dtype=torch.float16)
+    chunk, warps = tk.chunked_config(bf16, fp16)
     assert (chunk, warps) == (tk.CHUNK_2BYTE, tk.CHUNK_NUM_WARPS_2BYTE)
 
 
