@@ -84,12 +84,26 @@ def _load_tempered_teacher(ptrs, mask, inv_t, TEACHER_KIND: tl.constexpr, EVICT:
 
 
 @triton.jit
+def _to_grad_dtype(g, grad_ptr, SOFT_BF16_ROUNDING: tl.constexpr):
+    """fp32 -> the grad's dtype, rounding to nearest even.
+
+    The interpreter truncates fp32 -> bf16 (a GPU rounds to nearest), so on CPU tensors the
+    rounding is done on the bits here: add 0x7FFF plus the lowest kept bit, keep the top 16 bits
+    (NaN and inf keep their class)."""
+    if SOFT_BF16_ROUNDING:
+        bits = g.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return g.to(grad_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _kd_small_c_kernel(
     s_ptr, t_ptr, y_ptr, loss_ptr, grad_ptr,
     n_rows, n_cols, s_row_stride, t_row_stride, y_stride,
     inv_t, kl_loss_coef, ce_coef, kl_grad_coef, ignore_index,
     HAS_TARGET: tl.constexpr, TEACHER_KIND: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    SOFT_BF16_ROUNDING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -144,7 +158,7 @@ def _kd_small_c_kernel(
             g = tl.where(y_ok[:, None], g, float("nan"))
         g = tl.where(live[:, None], g, 0.0)
         tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :],
-                 g.to(grad_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
+                 _to_grad_dtype(g, grad_ptr, SOFT_BF16_ROUNDING), mask=row_in[:, None] & col_in[None, :])
 
 
 @triton.jit
@@ -172,7 +186,7 @@ def _kd_chunked_kernel(
     n_cols, s_row_stride, t_row_stride, y_stride,
     inv_t, kl_loss_coef, ce_coef, kl_grad_coef, ignore_index,
     HAS_TARGET: tl.constexpr, TEACHER_KIND: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    CHUNK: tl.constexpr, MAX_START: tl.constexpr,
+    SOFT_BF16_ROUNDING: tl.constexpr, CHUNK: tl.constexpr, MAX_START: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_row_stride
@@ -245,7 +259,7 @@ def _kd_chunked_kernel(
                 g += ce_coef * (softmax_s - (cols == y).to(tl.float32))
                 g = tl.where(y_ok, g, float("nan"))
             g = tl.where(live, g, 0.0)
-            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=col_in,
+            tl.store(g_row + cols, _to_grad_dtype(g, grad_ptr, SOFT_BF16_ROUNDING), mask=col_in,
                      eviction_policy="evict_first")
 
     loss = kl_loss_coef * tl.sum(kl_acc, axis=0)
@@ -353,7 +367,8 @@ def kd_loss_fwd(
     y_stride = target.stride(0) if has_target else 0
     g = grad if compute_grad else row_loss
     scalars = (inv_t, kl_weight, ce_coef, kl_weight * inv_t, int(ignore_index))
-    flags = dict(HAS_TARGET=has_target, TEACHER_KIND=int(teacher_kind), COMPUTE_GRAD=bool(compute_grad))
+    flags = dict(HAS_TARGET=has_target, TEACHER_KIND=int(teacher_kind), COMPUTE_GRAD=bool(compute_grad),
+                 SOFT_BF16_ROUNDING=student.dtype == torch.bfloat16 and device.type == "cpu")
 
     if kernel == "auto":
         kernel = choose_kernel(student, teacher)

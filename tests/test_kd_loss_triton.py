@@ -129,6 +129,18 @@ def test_dtypes(kernel, dtype, teacher_dtype):
 
 
 @pytest.mark.parametrize("kernel", ["small", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_grad_is_the_fp32_grad_rounded_to_nearest(kernel, dtype):
+    # The same inputs as fp32 and as 16-bit students: the stored gradient must be the fp32 one
+    # rounded to nearest even (the interpreter's own fp32 -> bf16 cast truncates).
+    s, t, y = _inputs(6, 150, dtype=dtype, seed=17)
+    chunk = 64 if kernel == "chunked" else None
+    _, grad16 = _run(s, t, y, kernel=kernel, chunk=chunk)
+    _, grad32 = _run(s.float(), t, y, kernel=kernel, chunk=chunk)
+    assert torch.equal(grad16, grad32.to(dtype))
+
+
+@pytest.mark.parametrize("kernel", ["small", "chunked"])
 @pytest.mark.parametrize("temperature,alpha,t2_scale", [
     (0.5, 0.0, True), (1.0, 1.0, True), (4.0, 0.3, False), (20.0, 0.9, True),
 ])
