@@ -10,7 +10,8 @@ q = softmax(b), s2 = T^2 if t2_scale else 1:
 KL = sum p*(log p - log q) over p > 0 (0*log 0 = 0, so -inf teacher logits and zero probs are
 fine). Ignored rows (target == ignore_index) read nothing and write loss 0, grad 0. A target
 outside [0, C) that is not ignore_index gives a NaN loss and a NaN grad row, never a stray read.
-Math is fp32 in registers whatever the input dtypes.
+Student: fp32, bf16 or fp16; teacher: any of those or fp64. Math is fp32 in registers whatever
+the input dtypes.
 
 Two kernels, chosen on the host from C and the element sizes (no host sync, no allocation beyond
 the two outputs, so the call is CUDA-graph safe):
@@ -65,7 +66,9 @@ CHUNK_NUM_WARPS_2BYTE = 16
 CHUNK_NUM_WARPS_4BYTE = 8
 
 KERNELS = ("auto", "small", "chunked")
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A float64 teacher is read as is and rounded to fp32 in registers, like the others.
+_TEACHER_DTYPES = _STUDENT_DTYPES + (torch.float64,)
 # Running-max start: finite, so that max - start never makes inf - inf = NaN; a lane that only ever
 # saw -inf (padding, zero probabilities) keeps it and a sum of 0, and drops out of the merge.
 _MAX_START = -1.0e30
@@ -300,12 +303,14 @@ def choose_kernel(student: torch.Tensor, teacher: torch.Tensor) -> str:
 
 
 def _check(student, teacher, target, teacher_kind, kernel, chunk):
+    if student.dtype not in _STUDENT_DTYPES:
+        raise TypeError(f"kd_loss_fwd: student must be float32, bfloat16 or float16 for the Triton "
+                        f"backend, got {student.dtype}")
+    if teacher.dtype not in _TEACHER_DTYPES:
+        raise TypeError(f"kd_loss_fwd: teacher must be a float tensor, got {teacher.dtype}")
     for name, x in (("student", student), ("teacher", teacher)):
         if x.dim() != 2:
             raise ValueError(f"kd_loss_fwd: {name} must be 2-D, got shape {tuple(x.shape)}")
-        if x.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"kd_loss_fwd: {name} must be float32, bfloat16 or float16 for the "
-                            f"Triton backend, got {x.dtype}")
         if x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"kd_loss_fwd: {name} needs unit stride along classes, got strides "
                              f"{tuple(x.stride())}")

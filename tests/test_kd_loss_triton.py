@@ -121,7 +121,7 @@ def test_many_rows_per_program_with_ragged_last_block(monkeypatch):
 @pytest.mark.parametrize("kernel", ["small", "chunked"])
 @pytest.mark.parametrize("dtype,teacher_dtype", [
     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float32, torch.float64),
 ])
 def test_dtypes(kernel, dtype, teacher_dtype):
     s, t, y = _inputs(4, 300, dtype=dtype, teacher_dtype=teacher_dtype, seed=2)
