@@ -278,13 +278,21 @@ def small_c_limit(student: torch.Tensor, teacher: torch.Tensor) -> int:
     return SMALL_C_LIMIT_2BYTE if widest <= 2 else SMALL_C_LIMIT_4BYTE
 
 
-def small_c_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+def min_programs(device: torch.device) -> int:
+    """Fewest programs a small-C launch aims for: SMALL_MIN_PROGRAMS on a GPU; 1 in the interpreter
+    (CPU tensors), where each program costs about 10 ms of Python and there are no SMs to fill."""
+    return 1 if device.type == "cpu" else SMALL_MIN_PROGRAMS
+
+
+def small_c_config(n_rows: int, n_cols: int, min_programs: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, num_warps) of the small-C kernel: several rows per program for small C,
-    halved until the launch has SMALL_MIN_PROGRAMS programs (or one row per program)."""
+    halved until the launch has min_programs (default SMALL_MIN_PROGRAMS) programs or one row each."""
+    if min_programs is None:
+        min_programs = SMALL_MIN_PROGRAMS
     block_c = triton.next_power_of_2(n_cols)
     block_n = max(1, SMALL_TILE_ELEMS // block_c)
     block_n = min(block_n, triton.next_power_of_2(n_rows))
-    while block_n > 1 and triton.cdiv(n_rows, block_n) < SMALL_MIN_PROGRAMS:
+    while block_n > 1 and triton.cdiv(n_rows, block_n) < min_programs:
         block_n //= 2
     threads = max(1, (block_n * block_c) // SMALL_ELEMS_PER_THREAD)
     num_warps = min(SMALL_MAX_NUM_WARPS, max(1, triton.next_power_of_2(triton.cdiv(threads, 32))))
@@ -385,7 +393,7 @@ def kd_loss_fwd(
 def _launch(kernel, chunk, student, teacher, y, row_loss, g, y_stride, scalars, flags):
     n_rows, n_cols = student.shape
     if kernel == "small":
-        block_n, block_c, num_warps = small_c_config(n_rows, n_cols)
+        block_n, block_c, num_warps = small_c_config(n_rows, n_cols, min_programs(student.device))
         grid = (triton.cdiv(n_rows, block_n),)
         _kd_small_c_kernel[grid](
             student, teacher, y, row_loss, g, n_rows, n_cols,

@@ -107,10 +107,13 @@ def test_max_sits_in_a_later_chunk():
     _check(s, t, y, kernel="chunked", chunk=64)
 
 
-def test_many_rows_per_program_with_ragged_last_block(monkeypatch):
-    # With SMALL_MIN_PROGRAMS = 1 one program takes 64 rows (37 real): masked rows must not leak.
-    monkeypatch.setattr(tk, "SMALL_MIN_PROGRAMS", 1)
-    assert tk.small_c_config(37, 10)[0] == 64
+@pytest.mark.parametrize("programs", [1, 8, 128])
+def test_rows_per_program(monkeypatch, programs):
+    # 1: one program takes 64 rows (37 real), masked rows must not leak; 8: 8 rows per program;
+    # 128 (the GPU default): one row per program.
+    monkeypatch.setattr(tk, "min_programs", lambda device: programs)
+    block_n = tk.small_c_config(37, 10, programs)[0]
+    assert block_n == {1: 64, 8: 4, 128: 1}[programs]
     s, t, y = _inputs(37, 10, seed=3)
     y[::4] = -100
     _check(s, t, y, kernel="small")
@@ -251,7 +254,7 @@ def test_no_grad_gives_empty_grad_and_same_loss(kernel):
 
 @pytest.mark.parametrize("n,c", [(1, 1), (512, 10), (512, 100), (8192, 1000), (3, 5000), (100000, 7)])
 def test_small_c_config(n, c):
-    block_n, block_c, num_warps = tk.small_c_config(n, c)
+    block_n, block_c, num_warps = tk.small_c_config(n, c, tk.SMALL_MIN_PROGRAMS)
     assert block_c >= c and block_c & (block_c - 1) == 0
     assert block_n >= 1 and block_n & (block_n - 1) == 0
     assert block_n == 1 or block_n * block_c <= tk.SMALL_TILE_ELEMS
