@@ -31,8 +31,13 @@ _kd_chunked_kernel (larger C, LLM vocabularies): one program per row, CHUNK colu
   L2 traffic is N*C*(es+et) more. Pass-1 loads ask L2 to keep the lines (evict_last), pass-2
   loads and the grad store are marked streaming (evict_first).
 
-Exponentials: 3 per element per pass (a, b, s; 2 when there is no target), logs: 1 per element
-per pass for 'probs' teachers only.
+Exponentials per element: small kernel 3 (a, b, s; 2 without a target); chunked kernel 3 in pass 1
+(2 without a target) and in pass 2 1 (a, for the KL) plus 2 more when the grad is written (b, and
+s with a target). Logs: one per element per read of t for 'probs' teachers only.
+
+On CPU tensors (the interpreter, for tests) two launch details differ, not the math: a launch
+uses as few programs as possible (min_programs), and bf16 grads are rounded to nearest on the
+bits (SOFT_BF16_ROUNDING), because the interpreter's own fp32 -> bf16 cast truncates.
 
 Launch knobs (for tuning on the GPU) are the module constants below: SMALL_TILE_ELEMS,
 SMALL_ELEMS_PER_THREAD, SMALL_MIN_PROGRAMS, SMALL_C_LIMIT_2BYTE/_4BYTE, CHUNK_2BYTE/_4BYTE and
