@@ -334,3 +334,25 @@ def test_public_kd_loss_module_bf16_chunked_path():
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-5)
     assert s.grad.dtype == torch.bfloat16
     torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-2, atol=1e-2 * s64.grad.abs().max().item())
+
+
+def test_opcheck_and_compile_with_triton_backend():
+    s, t, y = _inputs(6, 11, seed=18)
+    y[0] = -100
+    for reduction, target in (("batchmean", y), ("none", None)):
+        args = (s.clone().requires_grad_(), t, target, 2.0, 0.5, True, reduction, -100, "logits",
+                "triton", True)
+        torch.library.opcheck(torch.ops.ued_fast.kd_loss.default, args)
+
+    torch._dynamo.reset()
+
+    def step(student, teacher, target):
+        return ued_fast.kd_loss(student, teacher, target, temperature=2.0, alpha=0.5, backend="triton") * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    loss_c, loss_e = compiled(a, t, y), step(b, t, y)
+    loss_c.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
