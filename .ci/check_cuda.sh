@@ -64,3 +64,9 @@ if [[ $status -ne 0 ]]; then
   exit 1
 fi
 echo "check_cuda: all ${#files[@]} file(s) compile for sm_90"
+
+# The kd_loss row math also runs on the host (no GPU needed): check it against float64.
+if [[ $# -eq 0 && -f .ci/kd_math_check.cu && -f csrc/kd_loss_cuda.cu ]]; then
+  "$NVCC" -std=c++20 -O2 -DUED_FAST_KD_MATH_ONLY -diag-suppress 177 -Icsrc -o "$work/kd_math_check" .ci/kd_math_check.cu
+  "$work/kd_math_check" || { echo "check_cuda: FAIL kd_loss row math (.ci/kd_math_check.cu)" >&2; exit 1; }
+fi

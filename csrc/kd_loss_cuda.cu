@@ -21,6 +21,8 @@
 //    every row is aligned, block reduction, then a second pass that re-reads the row (expected to
 //    hit L2, see bench/NOTES.md) and writes the gradient: 6 exp2 per element.
 // No host synchronization, no allocation besides the outputs: safe inside CUDA graphs.
+// UED_FAST_KD_MATH_ONLY: keep only the row math (host+device), for a host-side check of the formulas.
+#ifndef UED_FAST_KD_MATH_ONLY
 #include <torch/library.h>
 
 #include <ATen/core/Tensor.h>
@@ -28,6 +30,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -98,7 +101,7 @@ __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[N]) {
 }
 
 // Teacher value in log units: logits/log_probs as they are, probs as log2 (0 -> -inf).
-__device__ __forceinline__ float teacher_log_units(float t, int kind) {
+__host__ __device__ __forceinline__ float teacher_log_units(float t, int kind) {
   return kind == kTeacherProbs ? log2f(t) : t;
 }
 
@@ -136,10 +139,10 @@ struct RowStats {
   float m_u, z_a, w, m_s, z_b, z_s;
 };
 
-__device__ __forceinline__ RowStats empty_stats() { return {-INFINITY, 0.f, 0.f, -INFINITY, 0.f, 0.f}; }
+__host__ __device__ __forceinline__ RowStats empty_stats() { return {-INFINITY, 0.f, 0.f, -INFINITY, 0.f, 0.f}; }
 
 // Re-express x's sums relative to the maxima (m_u, m_s) >= x's own.
-__device__ __forceinline__ void rebase(RowStats& x, float m_u, float m_s, float k_a, float k_b, bool with_ce) {
+__host__ __device__ __forceinline__ void rebase(RowStats& x, float m_u, float m_s, float k_a, float k_b, bool with_ce) {
   if (x.m_u == -INFINITY) {
     x.z_a = 0.f;
     x.w = 0.f;
@@ -160,7 +163,7 @@ __device__ __forceinline__ void rebase(RowStats& x, float m_u, float m_s, float 
   x.m_s = m_s;
 }
 
-__device__ __forceinline__ RowStats merge(RowStats a, RowStats b, float k_a, float k_b, bool with_ce) {
+__host__ __device__ __forceinline__ RowStats merge(RowStats a, RowStats b, float k_a, float k_b, bool with_ce) {
   const float m_u = fmaxf(a.m_u, b.m_u), m_s = fmaxf(a.m_s, b.m_s);
   rebase(a, m_u, m_s, k_a, k_b, with_ce);
   rebase(b, m_u, m_s, k_a, k_b, with_ce);
@@ -168,7 +171,7 @@ __device__ __forceinline__ RowStats merge(RowStats a, RowStats b, float k_a, flo
 }
 
 // Accumulate elements (u, s) whose maxima are <= the stats' maxima.
-__device__ __forceinline__ void accumulate(RowStats& st, float u, float s, float k_a, float k_b, bool with_ce) {
+__host__ __device__ __forceinline__ void accumulate(RowStats& st, float u, float s, float k_a, float k_b, bool with_ce) {
   const float du = (u - st.m_u) * k_a;
   const float ds = s - st.m_s;
   const float ea = u == -INFINITY ? 0.f : exp2f(du);
@@ -184,7 +187,7 @@ struct RowNorm {
 };
 
 // Row loss from the full-row statistics.
-__device__ __forceinline__ float finish_row(const KdParams& p, const RowStats& st, float s_y, RowNorm& nrm) {
+__host__ __device__ __forceinline__ float finish_row(const KdParams& p, const RowStats& st, float s_y, RowNorm& nrm) {
   nrm = {st.m_u, st.m_s, log2f(st.z_a), log2f(st.z_b), p.target ? log2f(st.z_s) : 0.f};
   const float kl = kLn2 * (st.w / st.z_a - nrm.lz_a + nrm.lz_b);
   float loss = p.c_kl * kl;
@@ -192,7 +195,7 @@ __device__ __forceinline__ float finish_row(const KdParams& p, const RowStats& s
   return loss;
 }
 
-__device__ __forceinline__ float grad_element(const KdParams& p, const RowNorm& n, float u, float s, bool is_target) {
+__host__ __device__ __forceinline__ float grad_element(const KdParams& p, const RowNorm& n, float u, float s, bool is_target) {
   const float pt = u == -INFINITY ? 0.f : exp2f((u - n.m_u) * p.k_teacher - n.lz_a);
   const float ds = s - n.m_s;
   const float q = exp2f(ds * p.k_student - n.lz_b);
@@ -201,6 +204,7 @@ __device__ __forceinline__ float grad_element(const KdParams& p, const RowNorm& 
   return g;
 }
 
+#ifndef UED_FAST_KD_MATH_ONLY
 template <typename T>
 __device__ __forceinline__ float load_one(const void* base, int64_t offset) {
   return to_float(__ldg(reinterpret_cast<const T*>(base) + offset));
@@ -534,9 +538,12 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
   return {row_loss, grad};
 }
 
+#endif  // UED_FAST_KD_MATH_ONLY
 }  // namespace
 }  // namespace ued_fast
 
+#ifndef UED_FAST_KD_MATH_ONLY
 TORCH_LIBRARY_IMPL(ued_fast, CUDA, m) {
   m.impl("kd_loss_fwd", &ued_fast::kd_loss_fwd_cuda);
 }
+#endif
