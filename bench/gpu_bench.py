@@ -280,6 +280,20 @@ def liger_kd_loss_factory():
     return liger_kd
 
 
+def kernel_only(backend, student, teacher, target):
+    """(timed fn, error check) for the forward kernel alone: loss rows + gradient in one launch."""
+    from ued_fast.ops.kd_loss import _native_forward
+
+    def run():
+        return _native_forward(backend, student.detach(), teacher, target, KD_KW["temperature"], KD_KW["alpha"],
+                               True, -100, "logits", True)
+
+    def scaled():  # the op's batchmean scaling (no ignored rows here), for the check only
+        rows, grad = run()
+        return rows.sum() / student.shape[0], grad / student.shape[0]
+    return run, scaled
+
+
 def bench_kd(res: Results, timer: Timer, device, dry_run: bool):
     shapes = DRY_KD_SHAPES if dry_run else KD_SHAPES
     compiled_ref = compile_fn(kd_loss_reference)
@@ -321,16 +335,21 @@ def bench_kd(res: Results, timer: Timer, device, dry_run: bool):
                 why = backend_status(backend, device)
                 impls[f"ours-{backend}"] = (why, grad_of(
                     lambda b=backend: ued_fast.kd_loss(student, teacher, target, backend=b, **KD_KW), student))
+                # The kernel alone (forward with the gradient, no op layer, no backward multiply): how
+                # close the kernel is to the floor, apart from what the autograd contract adds.
+                k_run, k_scaled = kernel_only(backend, student, teacher, target)
+                impls[f"kernel-{backend}"] = (why, k_run, k_scaled)
             impls["eager"] = (None, grad_of(lambda: kd_loss_reference(student, teacher, target, **KD_KW), student))
             impls["compiled"] = (None, grad_of(lambda: compiled_ref(student, teacher, target, **KD_KW), student))
             impls["liger"] = (liger_missing, None if liger is None else grad_of(
                 lambda: liger(student, teacher, target, T, a), student))
-            for impl, (why, run) in impls.items():
+            for impl, (why, run, *check_with) in impls.items():
                 if why:
                     res.add(section="kd_loss", case=case, impl=impl, status=why)
                     continue
+                check = checker(check_with[0] if check_with else run)
                 measure(res, timer, device, section="kd_loss", case=case, impl=impl, fn=run, floor_bytes=floor,
-                        check=checker(run), extra=dict(n=n, c=c, dtype=dtype_name))
+                        check=check, extra=dict(n=n, c=c, dtype=dtype_name))
             del student, teacher, target, ref_loss, ref_grad, impls
             empty_cache(device)
             res.save()
