@@ -34,10 +34,14 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifndef UED_FAST_KD_MATH_ONLY
+#include <cooperative_groups.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <mutex>
 #include <tuple>
 
 namespace ued_fast {
@@ -49,6 +53,11 @@ constexpr int kWarpMaxClasses = 1024;     // C up to this uses the warp kernel (
 constexpr int kBlockThreads = 512;        // block kernel: threads per row
 constexpr int kBlockMinBlocksPerSm = 2;   // __launch_bounds__ hint: 2 rows resident per SM (L2 re-read set)
 constexpr int kBlockUnroll = 2;           // block kernel: vectors loaded per thread before use
+// Long rows (sm_90+): split a row over a cluster of up to kMaxRowSplit CTAs (stats merged through
+// distributed shared memory) until the rows resident at once take at most kL2ResidentFraction of
+// L2, so that pass 2's re-read hits L2 instead of DRAM.
+constexpr int kMaxRowSplit = 8;
+constexpr double kL2ResidentFraction = 0.5;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -114,6 +123,7 @@ struct KdParams {
   void* grad;             // [N, C] contiguous, nullptr when not computed
   int64_t n_rows, n_cols, student_stride, teacher_stride, target_stride, ignore_index;
   int teacher_kind;
+  int row_split;  // block kernel: CTAs per row (a thread-block cluster when > 1)
   float k_teacher;  // kA
   float k_student;  // kB = log2e / T
   float c_kl, c_ce;  // loss weights of KL and CE
@@ -302,10 +312,9 @@ kd_loss_warp_kernel(const KdParams p) {
 
 // ---- block per row: online softmax over VEC-wide chunks, then a gradient pass ----
 template <int NT>
-__device__ __forceinline__ RowStats block_reduce(RowStats st, float k_a, float k_b, bool with_ce) {
+__device__ __forceinline__ void block_reduce(RowStats st, float k_a, float k_b, bool with_ce, RowStats& total) {
   constexpr int kWarps = NT / 32;
   __shared__ RowStats partial[kWarps];
-  __shared__ RowStats total;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -336,7 +345,6 @@ __device__ __forceinline__ RowStats block_reduce(RowStats st, float k_a, float k
     if (lane == 0) total = st;
   }
   __syncthreads();
-  return total;
 }
 
 // VEC: classes per load (16 bytes of the wider input dtype), or 1 for the unaligned fallback.
@@ -344,9 +352,12 @@ template <typename S, typename Tt, int VEC>
 __global__ void __launch_bounds__(kBlockThreads, kBlockMinBlocksPerSm)
 kd_loss_block_kernel(const KdParams p) {
   constexpr int kChunk = kBlockUnroll * VEC;
-  const int64_t row = blockIdx.x;
+  const int split = p.row_split;
+  const int64_t row = blockIdx.x / split;
+  const int part = blockIdx.x % split;  // = rank in the cluster: clusters are consecutive CTAs along x
   const int64_t C = p.n_cols;
   const int64_t n_vec = C / VEC;  // VEC divides C (checked on the host)
+  const int64_t v_begin = n_vec * part / split, v_end = n_vec * (part + 1) / split;  // this CTA's vectors
   S* grad_row = p.grad ? reinterpret_cast<S*>(p.grad) + row * C : nullptr;
   const S* s_row = reinterpret_cast<const S*>(p.student) + row * p.student_stride;
   const Tt* t_row = reinterpret_cast<const Tt*>(p.teacher) + row * p.teacher_stride;
@@ -354,27 +365,27 @@ kd_loss_block_kernel(const KdParams p) {
   const RowTarget tg = row_target(p, row);  // same for the whole block: uniform branch
   if (tg.status != 0) {
     const float fill = tg.status == 1 ? 0.f : NAN;
-    if (threadIdx.x == 0) p.row_loss[row] = fill;
+    if (threadIdx.x == 0 && part == 0) p.row_loss[row] = fill;
     if (grad_row) {
       float v[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v[k] = fill;
-      for (int64_t i = threadIdx.x; i < n_vec; i += kBlockThreads) store_vec<S, VEC>(grad_row + i * VEC, v);
+      for (int64_t i = v_begin + threadIdx.x; i < v_end; i += kBlockThreads) store_vec<S, VEC>(grad_row + i * VEC, v);
     }
-    return;
+    return;  // the whole cluster leaves here (same row), before any cluster barrier
   }
   const bool with_ce = p.target != nullptr;
   const float k_a = p.k_teacher, k_b = p.k_student;
 
   // Pass 1: each thread keeps running stats over its chunks (kBlockUnroll vectors, strided by the block).
   RowStats st = empty_stats();
-  for (int64_t base = threadIdx.x; base < n_vec; base += int64_t(kBlockThreads) * kBlockUnroll) {
+  for (int64_t base = v_begin + threadIdx.x; base < v_end; base += int64_t(kBlockThreads) * kBlockUnroll) {
     float s[kChunk], u[kChunk];
 #pragma unroll
     for (int r = 0; r < kBlockUnroll; ++r) {
       const int64_t i = base + int64_t(r) * kBlockThreads;
       float sv[VEC], tv[VEC];
-      if (i < n_vec) {
+      if (i < v_end) {
         load_vec<S, VEC>(s_row + i * VEC, sv);
         load_vec<Tt, VEC>(t_row + i * VEC, tv);
       } else {
@@ -399,20 +410,33 @@ kd_loss_block_kernel(const KdParams p) {
     for (int k = 0; k < kChunk; ++k) accumulate(st, u[k], s[k], k_a, k_b, with_ce);
   }
 
-  const RowStats row_st = block_reduce<kBlockThreads>(st, k_a, k_b, with_ce);
-  const float s_y = with_ce ? load_one<S>(s_row, tg.y) : 0.f;
+  __shared__ RowStats cta_stats;
+  block_reduce<kBlockThreads>(st, k_a, k_b, with_ce, cta_stats);
+  RowStats row_st = cta_stats;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (split > 1) {  // merge the cluster's CTAs, in rank order so that every CTA gets the same bits
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every CTA's cta_stats is written
+    row_st = empty_stats();
+    for (int r = 0; r < split; ++r) row_st = merge(row_st, *cluster.map_shared_rank(&cta_stats, r), k_a, k_b, with_ce);
+    cluster.sync();  // no CTA leaves (releasing its shared memory) while another still reads it
+  }
+#endif
+  const bool writes_loss = threadIdx.x == 0 && part == 0;
+  const float s_y = with_ce && writes_loss ? load_one<S>(s_row, tg.y) : 0.f;
   RowNorm nrm;
   const float loss = finish_row(p, row_st, s_y, nrm);
-  if (threadIdx.x == 0) p.row_loss[row] = loss;
+  if (writes_loss) p.row_loss[row] = loss;
   if (grad_row == nullptr) return;
 
   // Pass 2: re-read the row (L2-resident if the resident rows fit) and write the gradient.
-  for (int64_t base = threadIdx.x; base < n_vec; base += int64_t(kBlockThreads) * kBlockUnroll) {
+  for (int64_t base = v_begin + threadIdx.x; base < v_end; base += int64_t(kBlockThreads) * kBlockUnroll) {
     float s[kBlockUnroll][VEC], t[kBlockUnroll][VEC];
 #pragma unroll
     for (int r = 0; r < kBlockUnroll; ++r) {
       const int64_t i = base + int64_t(r) * kBlockThreads;
-      if (i < n_vec) {
+      if (i < v_end) {
         load_vec<S, VEC, true>(s_row + i * VEC, s[r]);
         load_vec<Tt, VEC, true>(t_row + i * VEC, t[r]);
       }
@@ -420,7 +444,7 @@ kd_loss_block_kernel(const KdParams p) {
 #pragma unroll
     for (int r = 0; r < kBlockUnroll; ++r) {
       const int64_t i = base + int64_t(r) * kBlockThreads;
-      if (i < n_vec) {
+      if (i < v_end) {
         float g[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k)
@@ -448,8 +472,61 @@ bool aligned(const void* ptr, int64_t row_stride_elems, int64_t elem_bytes, int6
   return reinterpret_cast<uintptr_t>(ptr) % vec_bytes == 0 && (row_stride_elems * elem_bytes) % vec_bytes == 0;
 }
 
+struct DeviceInfo {
+  int major = 0, sm_count = 0, l2_bytes = 0;
+};
+
+// Read once per device (cudaDeviceGetAttribute costs microseconds; launches should not).
+const DeviceInfo& device_info(int device) {
+  constexpr int kMaxDevices = 64;
+  static DeviceInfo infos[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "kd_loss_fwd (cuda): device index ", device, " out of range");
+  std::call_once(once[device], [device] {
+    DeviceInfo& d = infos[device];
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.l2_bytes, cudaDevAttrL2CacheSize, device));
+  });
+  return infos[device];
+}
+
+// CTAs per row for the block kernel (see kMaxRowSplit).
+int row_split(const DeviceInfo& dev, int64_t n_rows, int64_t n_vec, int64_t row_bytes) {
+  if (dev.major < 9) return 1;  // clusters need sm_90
+  const double resident_rows = double(dev.sm_count) * kBlockMinBlocksPerSm;
+  int split = 1;
+  while (split < kMaxRowSplit && resident_rows / split * double(row_bytes) > kL2ResidentFraction * dev.l2_bytes &&
+         n_vec / (2 * split) >= kBlockThreads && n_rows * 2 * split <= INT32_MAX)
+    split *= 2;
+  return split;
+}
+
+template <typename S, typename Tt, int VEC>
+void launch_block_kernel(KdParams p, int split, cudaStream_t stream) {
+  p.row_split = split;
+  const dim3 grid(static_cast<unsigned>(p.n_rows * split)), block(kBlockThreads);
+  if (split == 1) {
+    kd_loss_block_kernel<S, Tt, VEC><<<grid, block, 0, stream>>>(p);
+    return;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = split;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kd_loss_block_kernel<S, Tt, VEC>, p));
+}
+
 template <typename S, typename Tt>
-void launch(const KdParams& p, cudaStream_t stream) {
+void launch(KdParams p, int device, cudaStream_t stream) {
   const int64_t C = p.n_cols, N = p.n_rows;
   if (C <= kWarpMaxClasses) {
     const dim3 grid(static_cast<unsigned>((N + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock));
@@ -466,9 +543,10 @@ void launch(const KdParams& p, cudaStream_t stream) {
         aligned(p.student, p.student_stride, sizeof(S), kVec * sizeof(S)) &&
         aligned(p.teacher, p.teacher_stride, sizeof(Tt), kVec * sizeof(Tt)) &&
         (p.grad == nullptr || aligned(p.grad, C, sizeof(S), kVec * sizeof(S)));
-    const dim3 grid(static_cast<unsigned>(N)), block(kBlockThreads);
-    if (vectorized) kd_loss_block_kernel<S, Tt, kVec><<<grid, block, 0, stream>>>(p);
-    else kd_loss_block_kernel<S, Tt, 1><<<grid, block, 0, stream>>>(p);
+    const int vec = vectorized ? kVec : 1;
+    const int split = row_split(device_info(device), N, C / vec, C * int64_t(sizeof(S) + sizeof(Tt)));
+    if (vectorized) launch_block_kernel<S, Tt, kVec>(p, split, stream);
+    else launch_block_kernel<S, Tt, 1>(p, split, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -523,6 +601,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
   p.target_stride = has_target ? target->stride(0) : 0;
   p.ignore_index = ignore_index;
   p.teacher_kind = static_cast<int>(teacher_kind);
+  p.row_split = 1;
   p.k_student = kLog2e / T;
   p.k_teacher = teacher_kind == kTeacherProbs ? 1.f / T : kLog2e / T;
   p.c_kl = has_target ? static_cast<float>(alpha) * s2 : s2;
@@ -532,7 +611,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.device().index()).stream();
   dispatch_float(student.scalar_type(), "student", [&](auto s_tag) {
     dispatch_float(teacher.scalar_type(), "teacher", [&](auto t_tag) {
-      launch<typename decltype(s_tag)::type, typename decltype(t_tag)::type>(p, stream);
+      launch<typename decltype(s_tag)::type, typename decltype(t_tag)::type>(p, student.device().index(), stream);
     });
   });
   return {row_loss, grad};
