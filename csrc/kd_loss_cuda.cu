@@ -40,6 +40,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <mutex>
 #include <tuple>
@@ -491,12 +492,22 @@ const DeviceInfo& device_info(int device) {
   return infos[device];
 }
 
+// kMaxRowSplit, or UED_FAST_KD_MAX_ROW_SPLIT (1, 2, 4 or 8) to compare splits without a rebuild.
+int max_row_split() {
+  static const int value = [] {
+    const char* env = std::getenv("UED_FAST_KD_MAX_ROW_SPLIT");
+    const int v = env ? std::atoi(env) : kMaxRowSplit;
+    return (v == 1 || v == 2 || v == 4 || v == 8) ? v : kMaxRowSplit;
+  }();
+  return value;
+}
+
 // CTAs per row for the block kernel (see kMaxRowSplit).
 int row_split(const DeviceInfo& dev, int64_t n_rows, int64_t n_vec, int64_t row_bytes) {
   if (dev.major < 9) return 1;  // clusters need sm_90
   const double resident_rows = double(dev.sm_count) * kBlockMinBlocksPerSm;
   int split = 1;
-  while (split < kMaxRowSplit && resident_rows / split * double(row_bytes) > kL2ResidentFraction * dev.l2_bytes &&
+  while (split < max_row_split() && resident_rows / split * double(row_bytes) > kL2ResidentFraction * dev.l2_bytes &&
          n_vec / (2 * split) >= kBlockThreads && n_rows * 2 * split <= INT32_MAX)
     split *= 2;
   return split;
