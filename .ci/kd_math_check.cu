@@ -8,7 +8,7 @@
 #include <algorithm>
 using namespace ued_fast;
 
-struct Case { int C; float T; int kind; bool tgt; float scale; bool neg_inf; float alpha; };
+struct Case { int C; float T; int kind; bool tgt; float scale; int neg_inf; float alpha; };  // neg_inf: 0 none, 1 every 3rd, 2 first 60%
 
 static void reference(const std::vector<float>& s, const std::vector<float>& t, int y, const Case& c,
                       double& loss, std::vector<double>& g) {
@@ -33,17 +33,21 @@ static KdParams params(const Case& c) {
   return p;
 }
 
-// Block kernel's algorithm: NT threads, chunks of UNROLL*VEC, strided; then a merge tree.
+// Block kernel's algorithm: SPLIT CTAs per row (a cluster), each with NT threads over its slice of
+// vectors, chunks of UNROLL*VEC strided by NT; a merge tree per CTA, then the CTAs merged in rank order.
 static float block_algo(const std::vector<float>& s, const std::vector<float>& t, int y, const Case& c,
-                        std::vector<float>& g, int NT, int VEC, int UNROLL) {
+                        std::vector<float>& g, int NT, int VEC, int UNROLL, int SPLIT = 1) {
   KdParams p = params(c); bool ce = c.tgt; int C = c.C; int nvec = C / VEC; int chunk = VEC * UNROLL;
+  RowStats row_st = empty_stats();
+  for (int part = 0; part < SPLIT; ++part) {
+  const int v_begin = int(int64_t(nvec) * part / SPLIT), v_end = int(int64_t(nvec) * (part + 1) / SPLIT);
   std::vector<RowStats> th(NT, empty_stats());
   for (int tid = 0; tid < NT; ++tid) {
     RowStats st = empty_stats();
-    for (int base = tid; base < nvec; base += NT * UNROLL) {
+    for (int base = v_begin + tid; base < v_end; base += NT * UNROLL) {
       std::vector<float> cs(chunk), cu(chunk);
       for (int r = 0; r < UNROLL; ++r) { int i = base + r * NT;
-        for (int k = 0; k < VEC; ++k) { if (i < nvec) { cs[r*VEC+k] = s[i*VEC+k]; cu[r*VEC+k] = teacher_log_units(t[i*VEC+k], c.kind); }
+        for (int k = 0; k < VEC; ++k) { if (i < v_end) { cs[r*VEC+k] = s[i*VEC+k]; cu[r*VEC+k] = teacher_log_units(t[i*VEC+k], c.kind); }
           else { cs[r*VEC+k] = -INFINITY; cu[r*VEC+k] = -INFINITY; } } }
       float mu = -INFINITY, ms = -INFINITY;
       for (int k = 0; k < chunk; ++k) { mu = fmaxf(mu, cu[k]); ms = fmaxf(ms, cs[k]); }
@@ -54,7 +58,9 @@ static float block_algo(const std::vector<float>& s, const std::vector<float>& t
   }
   for (int off = 1; off < NT; off *= 2)  // butterfly-like tree
     for (int i = 0; i + off < NT; i += 2 * off) th[i] = merge(th[i], th[i + off], p.k_teacher, p.k_student, ce);
-  RowNorm n; float loss = finish_row(p, th[0], ce ? s[y] : 0.f, n);
+  row_st = merge(row_st, th[0], p.k_teacher, p.k_student, ce);
+  }
+  RowNorm n; float loss = finish_row(p, row_st, ce ? s[y] : 0.f, n);
   g.resize(C);
   for (int j = 0; j < C; ++j) g[j] = grad_element(p, n, teacher_log_units(t[j], c.kind), s[j], j == y);
   return loss;
@@ -84,7 +90,7 @@ int main() {
       for (int kind : {0, 1, 2})
         for (bool tgt : {false, true})
           for (float scale : {3.f, 1e4f})
-            for (bool ninf : {false, true})
+            for (int ninf : {0, 1, 2})
               cases.push_back({C, T, kind, tgt, scale, ninf, tgt ? 0.5f : 0.9f});
   double worst_l = 0, worst_g = 0;
   for (auto& c : cases) {
@@ -95,16 +101,21 @@ int main() {
     if (c.kind == 1 || c.kind == 2) {  // make log-probs / probs
       double m = *std::max_element(t.begin(), t.end()), z = 0; for (float x : t) z += std::exp(x - m);
       for (auto& x : t) x = float(x - m - std::log(z)); if (c.kind == 2) for (auto& x : t) x = std::exp(x); }
-    if (c.neg_inf && c.C > 1) for (int j = 0; j < c.C; j += 3) t[j] = c.kind == 2 ? 0.f : -INFINITY;
-    if (c.neg_inf && c.C > 1 && c.kind == 2) { /* renormalizing not needed: spec tempers log(t) */ }
+    const float zero_p = c.kind == 2 ? 0.f : -INFINITY;  // probability 0: whole CTA slices of it when neg_inf == 2
+    if (c.neg_inf == 1 && c.C > 1) for (int j = 0; j < c.C; j += 3) t[j] = zero_p;
+    if (c.neg_inf == 2 && c.C > 1) for (int j = 0; j < c.C * 6 / 10; ++j) t[j] = zero_p;
     int y = c.tgt ? int(rng() % c.C) : -1;
     double rl; std::vector<double> rg; reference(s, t, y, c, rl, rg);
     // fp32 rounds q - p and r - 1 near 1 to an ulp of the gradient's natural scale: measure against that.
     double gmax = (c.tgt ? c.alpha * c.T : c.T) + (c.tgt ? 1 - c.alpha : 0); for (double v : rg) gmax = std::max(gmax, std::abs(v));
     std::vector<float> g;
-    for (int algo = 0; algo < (c.C <= 1024 ? 3 : 2); ++algo) {
-      float l = algo == 0 ? block_algo(s, t, y, c, g, 64, 4, 2) : algo == 1 ? block_algo(s, t, y, c, g, 32, 1, 2) : warp_algo(s, t, y, c, g);
-      if (algo == 0 && c.C % 4) continue;
+    for (int algo = 0; algo < 4; ++algo) {
+      if ((algo == 0 || algo == 3) && c.C % 4) continue;
+      if (algo == 2 && c.C > 1024) continue;
+      float l = algo == 0 ? block_algo(s, t, y, c, g, 64, 4, 2)
+              : algo == 1 ? block_algo(s, t, y, c, g, 32, 1, 2)
+              : algo == 2 ? warp_algo(s, t, y, c, g)
+                          : block_algo(s, t, y, c, g, 16, 4, 2, 4);  // row split over 4 CTAs
       double el = std::abs(l - rl) / std::max(1.0, std::abs(rl)), eg = 0;
       for (int j = 0; j < c.C; ++j) eg = std::max(eg, std::abs(g[j] - rg[j]) / gmax);
       if (!(el < 1e-4) || !(eg < 1e-4)) { ++fails; if (fails < 15) printf("FAIL C=%d T=%g kind=%d tgt=%d scale=%g ninf=%d algo=%d loss=%g ref=%g el=%g eg=%g\n", c.C, c.T, c.kind, c.tgt, c.scale, c.neg_inf, algo, l, rl, el, eg); }
