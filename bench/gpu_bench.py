@@ -112,8 +112,16 @@ class Timer:
 
     def __init__(self, device: torch.device, dry_run: bool, warmup_ms: int = 25, rep_ms: int = 100):
         self.device, self.dry_run, self.warmup_ms, self.rep_ms = device, dry_run, warmup_ms, rep_ms
+        self.last_samples: dict | None = None  # the spread of the last measurement, for the JSON
 
     def __call__(self, fn) -> float:
+        times = self._samples(fn)
+        t = sorted(times)
+        q = lambda f: t[min(len(t) - 1, int(f * len(t)))]  # noqa: E731
+        self.last_samples = {"n": len(t), "min": t[0], "p10": q(0.1), "p50": q(0.5), "p90": q(0.9), "max": t[-1]}
+        return q(0.5)
+
+    def _samples(self, fn) -> list[float]:
         if self.device.type != "cuda":
             fn()
             times = []
@@ -121,13 +129,15 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
-            return sorted(times)[len(times) // 2]
+            return times
         try:
             from triton.testing import do_bench
-
-            return float(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
         except ImportError:
             return self._events(fn)
+        try:
+            return [float(x) for x in do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="all")]
+        except (TypeError, ValueError):  # an older Triton without return_mode="all"
+            return [float(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))]
 
     def _events(self, fn) -> float:
         for _ in range(5):
@@ -141,7 +151,7 @@ class Timer:
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
+        return times
 
 
 def peak_memory(fn, device: torch.device) -> int | None:
@@ -164,7 +174,7 @@ def copy_bandwidth(device: torch.device, timer: Timer, dry_run: bool) -> dict:
     ms = timer(lambda: dst.copy_(src))
     gbps = 2 * nbytes / (ms * 1e-3) / 1e9
     del src, dst
-    return {"bytes": nbytes, "ms": ms, "gbps": gbps}
+    return {"bytes": nbytes, "ms": ms, "gbps": gbps, "samples_ms": timer.last_samples}
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -219,7 +229,7 @@ def measure(res: Results, timer: Timer, device, *, section: str, case: str, impl
             row["err"] = check()
         mem = peak_memory(fn, device)
         ms = timer(fn)
-        row.update(ms=ms, peak_mem_bytes=mem, status="ok")
+        row.update(ms=ms, samples_ms=timer.last_samples, peak_mem_bytes=mem, status="ok")
         if floor_bytes:
             row["gbps"] = floor_bytes / (ms * 1e-3) / 1e9
             if res.copy:

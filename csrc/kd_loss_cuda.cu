@@ -249,8 +249,8 @@ kd_loss_warp_kernel(const KdParams p) {
     const int64_t j = int64_t(k) * 32 + lane;
     if (j < C) {
       s[k] = load_one<S>(p.student, s_off + j);
-      u[k] = load_one<Tt>(p.teacher, t_off + j);
-    } else {
+      u[k] = teacher_log_units(load_one<Tt>(p.teacher, t_off + j), p.teacher_kind);
+    } else {  // padding, after the teacher transform (log2(-inf) would be NaN)
       s[k] = -INFINITY;
       u[k] = -INFINITY;
     }
@@ -258,7 +258,6 @@ kd_loss_warp_kernel(const KdParams p) {
   float m_u = -INFINITY, m_s = -INFINITY;
 #pragma unroll
   for (int k = 0; k < ELEMS; ++k) {
-    u[k] = teacher_log_units(u[k], p.teacher_kind);
     m_u = fmaxf(m_u, u[k]);
     m_s = fmaxf(m_s, s[k]);
   }
@@ -389,14 +388,16 @@ kd_loss_block_kernel(const KdParams p) {
       if (i < v_end) {
         load_vec<S, VEC>(s_row + i * VEC, sv);
         load_vec<Tt, VEC>(t_row + i * VEC, tv);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) tv[k] = teacher_log_units(tv[k], p.teacher_kind);
       } else {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) sv[k] = tv[k] = -INFINITY;  // padding: contributes nothing
+        for (int k = 0; k < VEC; ++k) sv[k] = tv[k] = -INFINITY;  // padding (after the transform): contributes nothing
       }
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         s[r * VEC + k] = sv[k];
-        u[r * VEC + k] = teacher_log_units(tv[k], p.teacher_kind);
+        u[r * VEC + k] = tv[k];
       }
     }
     float cm_u = -INFINITY, cm_s = -INFINITY;
