@@ -9,7 +9,9 @@
 # `timeout`. If everything does not fit, split it over two calls of one warm machine (the build stays):
 #   STAGES=build,test,sanitize bash bench/gpu_run.sh
 #   STAGES=build,bench BENCH_ARGS="--sections kd" bash bench/gpu_run.sh
-# Files back (at most 8): build.log, test.log, sanitize.log, bench.log, gpu_bench.{json,md,png}.
+# Stages: build, test, sanitize (compute-sanitizer memcheck + a smoke check), ncu (hardware counters
+# of the kd_loss kernel at three shapes), bench. Default: build,test,bench.
+# Files back (at most 8): build.log, test.log, sanitize.log, ncu.log, bench.log, gpu_bench.{json,md,png}.
 # Then copy gpu_bench.* from the tool's files_at folder into bench/results/ and commit them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -93,6 +95,24 @@ PYEOF
   rc=$?
   tail -15 "$OUT/sanitize.log"
   (( rc != 0 )) && { log "SANITIZER/SMOKE FAILED (rc=$rc)"; status=1; }
+fi
+
+if has_stage ncu; then  # hardware counters of the CUDA kd_loss kernel (not in the default stages)
+  log "ncu on the CUDA kd_loss kernel"
+  timeout "$(stage_timeout 180)" ncu --target-processes all -k regex:kd_loss --launch-count 3 \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_sector_hit_rate.pct,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__cluster_dim_x \
+    $PY - >"$OUT/ncu.log" 2>&1 <<'PYEOF'
+import torch, ued_fast
+from ued_fast.ops.kd_loss import _native_forward
+for n, c in ((4096, 1000), (8192, 32000), (8192, 128256)):
+    s = torch.randn(n, c, device="cuda", dtype=torch.bfloat16); t = torch.randn_like(s)
+    y = torch.randint(0, c, (n,), device="cuda")
+    _native_forward("cuda", s, t, y, 4.0, 0.9, True, -100, "logits", True)  # ncu replays it with cold caches
+    torch.cuda.synchronize()
+PYEOF
+  rc=$?
+  grep -E "kd_loss|duration|bytes|throughput|hit_rate|pipe_xu|warps_active|registers|cluster" "$OUT/ncu.log" | head -60
+  (( rc != 0 )) && { log "NCU FAILED (rc=$rc)"; status=1; }
 fi
 
 if has_stage bench; then
