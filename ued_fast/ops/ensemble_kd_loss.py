@@ -61,7 +61,7 @@ def _check_weights(weights, k: int, student: torch.Tensor) -> None:
     if tuple(weights.shape) not in ((k,), (k, n)):
         raise ValueError(f"{OP}: weights must have shape [{k}] or [{k}, {n}], got {tuple(weights.shape)}")
     _checks.check_same_device(OP, "weights", weights, "student", student)
-    if weights.device.type == "cpu":
+    if weights.device.type == "cpu" and not torch.compiler.is_compiling():  # value checks would break graphs
         if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
             raise ValueError(f"{OP}: weights must be finite and >= 0")
         if bool((weights.sum(0) <= 0).any()):
@@ -146,14 +146,19 @@ _ensemble_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _resolve(backend, student: torch.Tensor, k: int) -> str:
-    if backend is None and student.device.type != "cpu":
-        if student.dtype == torch.float64:
+    return _pick_backend(backend, str(student.device), student.dtype == torch.float64, k)
+
+
+@torch.compiler.assume_constant_result
+def _pick_backend(backend: str | None, device: str, is_fp64: bool, k: int) -> str:
+    """A constant for torch.compile: backend discovery imports modules, which dynamo must not trace."""
+    device = torch.device(device)
+    if backend is None and device.type != "cpu":
+        if is_fp64:
             return "reference"  # the GPU kernels are written for 16- and 32-bit floats
-        found = [b for b in _backend.available_backends(student.device)
-                 if not (b == "cuda" and k > CUDA_MAX_TEACHERS)]
-        return found[0]
-    chosen = _backend.resolve_backend(backend, student.device, OP)
-    if chosen in ("triton", "cuda") and student.dtype == torch.float64:
+        return [b for b in _backend.available_backends(device) if not (b == "cuda" and k > CUDA_MAX_TEACHERS)][0]
+    chosen = _backend.resolve_backend(backend, device, OP)
+    if chosen in ("triton", "cuda") and is_fp64:
         raise TypeError(f"{OP}: backend={chosen!r} takes float32, bfloat16 or float16 student, not float64")
     if chosen == "cuda" and k > CUDA_MAX_TEACHERS:
         raise ValueError(f"{OP}: backend='cuda' takes at most {CUDA_MAX_TEACHERS} teachers, got K={k}")
