@@ -2,8 +2,8 @@
 
 fp32, K=5 teachers, mix='prob', targets given (alpha=0.9, T=4), shapes [512, 10], [512, 100],
 [4096, 1000]. Run (results in bench/results/):
-    PYTHONPATH=$PWD python -m pytest bench/bench_cpu_ensemble_kd_loss.py --benchmark-only \
-        --benchmark-json bench/results/cpu_ensemble_kd_loss.json
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest bench/bench_cpu_ensemble_kd_loss.py --benchmark-only \
+        --benchmark-json bench/results/cpu_ensemble_kd_loss.json --benchmark-min-rounds=10 --benchmark-max-time=2
     python bench/bench_cpu_ensemble_kd_loss.py bench/results/cpu_ensemble_kd_loss.json \
         bench/results/cpu_ensemble_kd_loss.md
 """
@@ -92,13 +92,18 @@ def to_markdown(json_path: str, md_path: str) -> None:
         info = b["extra_info"]
         rows.setdefault((info["n"], info["c"]), {})[info["impl"]] = b["stats"]["median"]
     info = _machine_info()
+    threads = sorted({b["extra_info"].get("threads") for b in data["benchmarks"]})
+    commit = data.get("commit_info", {})
+    commit_id = (commit.get("id") or info["commit"])[:7] + (" (dirty tree)" if commit.get("dirty") else "")
     lines = [
         "# CPU benchmark: ensemble_kd_loss fwd+bwd (fp32, K=5, mix='prob', with targets)",
         "",
-        f"- CPU: {info['cpu']}, {info['cores']} cores visible, torch threads {info['torch_threads']}",
-        f"- torch {info['torch']}, Python {info['python']}, commit {info['commit']} "
+        f"- CPU: {info['cpu']}, {info['cores']} cores visible; torch threads during the run: {threads}",
+        f"- torch {info['torch']}, Python {info['python']}, commit {commit_id} "
         f"(JSON: {os.path.basename(json_path)}, recorded {data.get('datetime', '?')})",
-        "- Median of pytest-benchmark rounds; other processes shared the 2 cores, so absolute times are noisy.",
+        "- Median of pytest-benchmark rounds. The machine's 2 cores were shared with other jobs (load average",
+        "  6-9), so the run used one thread (OMP_NUM_THREADS=1): with 2 OpenMP threads on a loaded machine every",
+        "  implementation stalls at thread barriers and the numbers are meaningless.",
         "",
         "| shape [N, C] | cpp (ms) | eager reference (ms) | torch.compile(reference) (ms) | cpp vs eager | cpp vs compiled |",
         "|---|---|---|---|---|---|",
