@@ -73,6 +73,7 @@ inline Vectorized<acc_t> load(const scalar_t* p, int64_t n) {
   constexpr int L = V::size();
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     if (n == L) return V::loadu(p);
+    return V::set(V(-std::numeric_limits<acc_t>::infinity()), V::loadu(p, n), n);
   }
   alignas(64) acc_t buf[L];
   if (n == L) {
