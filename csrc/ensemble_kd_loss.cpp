@@ -7,9 +7,10 @@
 // (p = softmax(sum_k w_k t_k / T)). Returns row_loss [N] (fp32, fp64 for fp64) and the gradient of
 // each row's loss w.r.t. the student row, [N, C] in the student's dtype (empty unless compute_grad).
 //
-// Per row, three sweeps over the (cache-resident) row: maxima, sums of exponentials, then the
-// mixture, KL and gradient. The mixture p is formed a vector at a time in registers: no [N, C] or
-// [K, N, C] target tensor is ever written. Math in fp32 (fp64 for fp64 inputs).
+// Per row, three sweeps: maxima; exponentials and their sums (the exponentials of the row go to a
+// per-thread scratch of (K+2) x C values that stays in L1/L2); then the mixture p, KL and the
+// gradient, with one log and no exp per column. p is formed a vector at a time in registers: no
+// [N, C] or [K, N, C] tensor is ever written. Math in fp32 (fp64 for fp64 inputs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
