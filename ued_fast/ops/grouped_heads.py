@@ -42,12 +42,15 @@ class CoverTables:
         holding it; count(c) = class_ptr[c+1] - class_ptr[c].
     slot_of [K, C]: j such that head k's output j is class c, or -1 (the gather table of the fused
         logit_mean tiles).
+    sizes [K]: |S_k|. max_count: the largest count(c) (a Python int, for kernel block sizes).
     """
 
     cover_index: torch.Tensor
     class_ptr: torch.Tensor
     class_entries: torch.Tensor
     slot_of: torch.Tensor
+    sizes: torch.Tensor
+    max_count: int
 
     @property
     def num_classes(self) -> int:
@@ -69,7 +72,9 @@ def _cover_tables_cpu(cover: Cover, width: int) -> CoverTables:
     for h in holders:
         ptr.append(ptr[-1] + len(h))
     entries = torch.tensor([e for h in holders for e in h], dtype=torch.int64)
-    return CoverTables(index, torch.tensor(ptr, dtype=torch.int64), entries, slot_of)
+    sizes = torch.tensor([len(s) for s in cover], dtype=torch.int64)
+    max_count = max(len(h) for h in holders)
+    return CoverTables(index, torch.tensor(ptr, dtype=torch.int64), entries, slot_of, sizes, max_count)
 
 
 @functools.lru_cache(maxsize=256)
@@ -78,7 +83,8 @@ def cover_tables(cover: Cover, width: int, device: torch.device) -> CoverTables:
     cpu = _cover_tables_cpu(cover, width)
     if device.type == "cpu":
         return cpu
-    return CoverTables(*(t.to(device) for t in (cpu.cover_index, cpu.class_ptr, cpu.class_entries, cpu.slot_of)))
+    moved = (t.to(device) for t in (cpu.cover_index, cpu.class_ptr, cpu.class_entries, cpu.slot_of, cpu.sizes))
+    return CoverTables(*moved, cpu.max_count)
 
 
 @functools.lru_cache(maxsize=256)
