@@ -258,7 +258,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cpu(
   at::Tensor grad_weight = at::empty({0}, weight.options());
   at::Tensor grad_bias = at::empty({0}, weight.options());
   if (need_features) {
-    at::Tensor gh = at::bmm(gu, w.transpose(1, 2));  // [K, N, D]
+    // Padding columns may hold anything (even NaN): zero them so 0 * garbage cannot leak.
+    std::vector<int64_t> real(tab.sizes);
+    for (auto& r : real) r += mode == kProbMean ? 1 : 0;
+    const at::Tensor pad = at::arange(W, cover_index.options()).view({1, 1, W}) >=
+                           at::tensor(real, cover_index.options()).view({K, 1, 1});
+    at::Tensor gh = at::bmm(gu, w.masked_fill(pad, 0).transpose(1, 2));  // [K, N, D]
     grad_features = features.dim() == 3 ? gh.to(features.scalar_type())
                                         : gh.transpose(0, 1).reshape({N, K * D}).to(features.scalar_type());
   }
