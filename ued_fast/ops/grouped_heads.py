@@ -244,10 +244,16 @@ def check_heads_args(features, weight, bias, cover, mode):
     return cover
 
 
-def _resolve(backend, features: torch.Tensor) -> str:
-    if backend is None and features.dtype == torch.float64 and features.device.type != "cpu":
+@torch.compiler.assume_constant_result
+def _resolve_for(backend, device: torch.device, dtype: torch.dtype) -> str:
+    # A constant under torch.compile: backend discovery imports the extension, which dynamo must not trace.
+    if backend is None and dtype == torch.float64 and device.type != "cpu":
         return "reference"  # the GPU kernels are written for 16- and 32-bit floats
-    chosen = _backend.resolve_backend(backend, features.device, OP)
+    return _backend.resolve_backend(backend, device, OP)
+
+
+def _resolve(backend, features: torch.Tensor) -> str:
+    chosen = _resolve_for(backend, features.device, features.dtype)
     if chosen in ("triton", "cuda") and features.dtype == torch.float64:
         raise TypeError(f"{OP}: backend={chosen!r} takes float32, bfloat16 or float16 features, not float64")
     return chosen
