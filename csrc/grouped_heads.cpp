@@ -7,8 +7,11 @@
 //                head outputs that hold it; count(c) = class_ptr[c+1] - class_ptr[c].
 // mode 0 = logit_mean, 1 = prob_mean. Math in float32 (float64 for float64 inputs).
 //
-// grouped_heads_fwd -> (out [N, C] in the features' dtype, saved): saved is the head outputs
-//   u [K, N, W] in the compute dtype for prob_mean (the backward reuses them), empty for logit_mean.
+// grouped_heads_fwd -> (out [N, C] in the features' dtype, saved): for prob_mean, saved is every
+//   head's log-softmax over its real outputs (the backward needs log q, so it never recomputes the
+//   heads' logsumexps), empty for logit_mean. The CPU kernels keep it transposed, [K, W, N] in the
+//   compute dtype (-inf on padding): with few outputs per head, MKL computes W^T h^T several times
+//   faster than h W (measured), and the gradient GEMMs read the same layout.
 // grouped_heads_bwd -> (grad_features, grad_weight, grad_bias); an unrequested one is empty.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -69,56 +72,54 @@ void check_inputs(const at::Tensor& features, const at::Tensor& weight, const Co
               "grouped_heads: features must be [N, K*D] or [K, N, D]");
 }
 
-// The logit_mean map as one block-structured matrix: M[k, d, c] = W[k, d, j] / count(c) where head
-// k's output j is class c, and b_eff[c] = mean of the covering heads' biases. Cheap: [K*D, C].
+// Row n of uT [K, W, N]: each head's log-softmax over its real outputs (j <= |S_k|) into lq [K*W],
+// also written back over uT (the backward reads log q, not u); padding becomes -inf there.
 template <typename scalar_t>
-void build_block_matrix(const CoverTables& tab, const scalar_t* w, const scalar_t* b, int64_t D,
-                        scalar_t* m, scalar_t* b_eff) {
-  const int64_t K = tab.K, W = tab.W, C = tab.C;
-  std::fill(b_eff, b_eff + C, scalar_t(0));
-  at::parallel_for(0, K * D, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t kd = begin; kd < end; ++kd) {
-      const int64_t k = kd / D;
-      scalar_t* row = m + kd * C;
-      std::fill(row, row + C, scalar_t(0));
-      for (int64_t j = 0; j < tab.sizes[k]; ++j) {
-        const int64_t c = tab.cover_index[k * W + j];
-        row[c] = w[kd * W + j] / scalar_t(tab.class_ptr[c + 1] - tab.class_ptr[c]);
-      }
+void head_log_softmax(const CoverTables& tab, scalar_t* u_t, int64_t N, int64_t n, scalar_t* lq) {
+  const int64_t W = tab.W;
+  for (int64_t k = 0; k < tab.K; ++k) {
+    scalar_t* uk = u_t + k * W * N + n;  // output j at uk[j * N]
+    scalar_t* lqk = lq + k * W;
+    const int64_t real = tab.sizes[k] + 1;  // its classes and 'other'
+    scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t j = 0; j < real; ++j) {
+      lqk[j] = uk[j * N];
+      mx = std::max(mx, lqk[j]);
     }
-  });
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t j = 0; j < tab.sizes[k]; ++j) {
-      const int64_t c = tab.cover_index[k * W + j];
-      b_eff[c] += b[k * W + j] / scalar_t(tab.class_ptr[c + 1] - tab.class_ptr[c]);
+    scalar_t s = 0;
+    for (int64_t j = 0; j < real; ++j) s += std::exp(lqk[j] - mx);
+    const scalar_t lse = mx + std::log(s);
+    for (int64_t j = 0; j < real; ++j) {
+      lqk[j] -= lse;
+      uk[j * N] = lqk[j];
     }
+    for (int64_t j = real; j < W; ++j) uk[j * N] = -std::numeric_limits<scalar_t>::infinity();
   }
 }
 
-// Per row n of u [K, N, W]: log q of every head's real outputs (j <= |S_k|) into lq [K*W], and
-// log r_c (before the final renormalization) into lr [C]. Everything in log space.
+// log r_c = log mean over the covering heads of q_k[c], from lq [K*W], into lr [C]. A class held by
+// one head (most of them) costs no exp/log.
 template <typename scalar_t>
-void row_log_probs(const CoverTables& tab, const scalar_t* u, int64_t N, int64_t n, scalar_t* lq,
-                   scalar_t* lr) {
-  const int64_t W = tab.W;
-  for (int64_t k = 0; k < tab.K; ++k) {
-    const scalar_t* uk = u + (k * N + n) * W;
-    const int64_t real = tab.sizes[k] + 1;  // its classes and 'other'
-    scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
-    for (int64_t j = 0; j < real; ++j) mx = std::max(mx, uk[j]);
-    scalar_t s = 0;
-    for (int64_t j = 0; j < real; ++j) s += std::exp(uk[j] - mx);
-    const scalar_t lse = mx + std::log(s);
-    for (int64_t j = 0; j < real; ++j) lq[k * W + j] = uk[j] - lse;
-  }
+void class_log_r(const CoverTables& tab, const scalar_t* lq, const scalar_t* log_count, scalar_t* lr) {
   for (int64_t c = 0; c < tab.C; ++c) {
     const int64_t e0 = tab.class_ptr[c], e1 = tab.class_ptr[c + 1];
+    if (e1 - e0 == 1) {
+      lr[c] = lq[tab.class_entries[e0]];
+      continue;
+    }
     scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
     for (int64_t e = e0; e < e1; ++e) mx = std::max(mx, lq[tab.class_entries[e]]);
     scalar_t s = 0;
     for (int64_t e = e0; e < e1; ++e) s += std::exp(lq[tab.class_entries[e]] - mx);
-    lr[c] = mx + std::log(s / scalar_t(e1 - e0));
+    lr[c] = mx + std::log(s) - log_count[c];
   }
+}
+
+template <typename scalar_t>
+std::vector<scalar_t> log_counts(const CoverTables& tab) {
+  std::vector<scalar_t> out(tab.C);
+  for (int64_t c = 0; c < tab.C; ++c) out[c] = std::log(scalar_t(tab.class_ptr[c + 1] - tab.class_ptr[c]));
+  return out;
 }
 
 template <typename scalar_t>
@@ -145,40 +146,56 @@ std::tuple<at::Tensor, at::Tensor> grouped_heads_fwd_cpu(
   const at::Tensor b = bias.to(cd).contiguous();
 
   if (mode == kLogitMean) {
-    // Linear: one GEMM against the block-structured matrix is the fastest CPU form (measured).
-    at::Tensor m = at::empty({K, D, C}, w.options());
-    at::Tensor b_eff = at::empty({C}, w.options());
-    AT_DISPATCH_FLOATING_TYPES(cd, "grouped_heads_block_matrix", [&] {
-      build_block_matrix<scalar_t>(tab, w.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), D,
-                                   m.data_ptr<scalar_t>(), b_eff.data_ptr<scalar_t>());
+    // The K head GEMMs (uT = W^T h^T), then z[:, c] = mean of the covering rows of uT plus biases.
+    // Measured faster at every USTE shape than one GEMM on the block-structured [K*D, C] matrix
+    // (that matrix is mostly zeros: K times the FLOPs; see bench/results/cpu_grouped_heads.md).
+    at::Tensor u = at::bmm(w.transpose(1, 2).contiguous(), heads_view(h, K, D).transpose(1, 2));  // [K, W, N]
+    at::Tensor z_t = at::empty({C, N}, w.options());
+    AT_DISPATCH_FLOATING_TYPES(cd, "grouped_heads_logit_mean_assembly", [&] {
+      const scalar_t* u_ptr = u.data_ptr<scalar_t>();  // head output kj = k*W + j of row n at kj*N + n
+      const scalar_t* b_ptr = b.data_ptr<scalar_t>();
+      scalar_t* z_ptr = z_t.data_ptr<scalar_t>();
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t e0 = tab.class_ptr[c], e1 = tab.class_ptr[c + 1];
+          scalar_t* zc = z_ptr + c * N;
+          const int64_t first = tab.class_entries[e0];
+          scalar_t bias_sum = b_ptr[first];
+          std::copy(u_ptr + first * N, u_ptr + (first + 1) * N, zc);
+          for (int64_t e = e0 + 1; e < e1; ++e) {
+            const int64_t kj = tab.class_entries[e];
+            const scalar_t* uk = u_ptr + kj * N;
+            for (int64_t n = 0; n < N; ++n) zc[n] += uk[n];
+            bias_sum += b_ptr[kj];
+          }
+          const scalar_t inv = scalar_t(1) / scalar_t(e1 - e0);
+          for (int64_t n = 0; n < N; ++n) zc[n] = (zc[n] + bias_sum) * inv;
+        }
+      });
     });
-    at::Tensor z;
-    if (h.dim() == 2) {
-      z = at::addmm(b_eff, h, m.view({K * D, C}));
-    } else {
-      z = at::addmm(b_eff, h[0], m[0]);
-      for (int64_t k = 1; k < K; ++k) z.addmm_(h[k], m[k]);
-    }
-    return {z.to(features.scalar_type()), at::empty({0}, w.options())};
+    return {z_t.t().contiguous().to(features.scalar_type()), at::empty({0}, w.options())};
   }
-
-  // prob_mean: the K head GEMMs as one batched GEMM, then the log-space assembly per row.
-  const at::Tensor u = at::baddbmm(b.unsqueeze(1), heads_view(h, K, D), w);  // [K, N, W]
+  // prob_mean: the K head GEMMs as one batched GEMM (transposed: uT = W^T h^T + b), then the
+  // log-space assembly per row.
+  at::Tensor u = at::bmm(w.transpose(1, 2).contiguous(), heads_view(h, K, D).transpose(1, 2));
+  u.add_(b.unsqueeze(2));  // [K, W, N]
   at::Tensor out = at::empty({N, C}, w.options());
   AT_DISPATCH_FLOATING_TYPES(cd, "grouped_heads_prob_mean_fwd", [&] {
-    const scalar_t* u_ptr = u.data_ptr<scalar_t>();
+    scalar_t* u_ptr = u.data_ptr<scalar_t>();
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    const std::vector<scalar_t> log_count = log_counts<scalar_t>(tab);
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> lq(K * W);
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* lr = out_ptr + n * C;
-        row_log_probs<scalar_t>(tab, u_ptr, N, n, lq.data(), lr);
+        head_log_softmax<scalar_t>(tab, u_ptr, N, n, lq.data());
+        class_log_r<scalar_t>(tab, lq.data(), log_count.data(), lr);
         const scalar_t z = log_sum_exp(lr, C);
         for (int64_t c = 0; c < C; ++c) lr[c] -= z;
       }
     });
   });
-  return {out.to(features.scalar_type()), u};
+  return {out.to(features.scalar_type()), u};  // u now holds log q [K, W, N]
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cpu(
@@ -195,36 +212,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cpu(
   const at::Tensor g = grad_out.to(cd).contiguous();
   const at::Tensor w = weight.to(cd);
   if (mode == kProbMean) {
-    TORCH_CHECK(saved.dim() == 3 && saved.size(0) == K && saved.size(1) == N && saved.size(2) == W &&
+    TORCH_CHECK(saved.dim() == 3 && saved.size(0) == K && saved.size(1) == W && saved.size(2) == N &&
                     saved.scalar_type() == cd && saved.is_contiguous(),
-                "grouped_heads: prob_mean backward needs the forward's head outputs [K, N, W]");
+                "grouped_heads: prob_mean backward needs the forward's head log-probabilities [K, W, N]");
   }
 
-  // gu [K, N, W]: the gradient with respect to every head output (0 on padding).
-  at::Tensor gu = at::empty({K, N, W}, g.options());
+  // guT [K, W, N]: the gradient with respect to every head output (0 on padding).
+  at::Tensor gu = at::empty({K, W, N}, g.options());
   AT_DISPATCH_FLOATING_TYPES(cd, "grouped_heads_bwd_assembly", [&] {
     const scalar_t* g_ptr = g.data_ptr<scalar_t>();
     scalar_t* gu_ptr = gu.data_ptr<scalar_t>();
     if (mode == kLogitMean) {
-      at::parallel_for(0, N, 32, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          for (int64_t k = 0; k < K; ++k) {
-            scalar_t* guk = gu_ptr + (k * N + n) * W;
-            for (int64_t j = 0; j < W; ++j) {
-              const int64_t c = j < tab.sizes[k] ? tab.cover_index[k * W + j] : -1;
-              guk[j] = c < 0 ? scalar_t(0)
-                             : g_ptr[n * C + c] / scalar_t(tab.class_ptr[c + 1] - tab.class_ptr[c]);
-            }
+      // guT[k, j, :] = g[:, c] / count(c): contiguous rows from g transposed once.
+      const at::Tensor g_t = g.t().contiguous();
+      const scalar_t* gt_ptr = g_t.data_ptr<scalar_t>();
+      at::parallel_for(0, K * W, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t kj = begin; kj < end; ++kj) {
+          const int64_t k = kj / W, j = kj % W;
+          scalar_t* guk = gu_ptr + kj * N;
+          const int64_t c = j < tab.sizes[k] ? tab.cover_index[kj] : -1;
+          if (c < 0) {
+            std::fill(guk, guk + N, scalar_t(0));
+            continue;
           }
+          const scalar_t inv = scalar_t(1) / scalar_t(tab.class_ptr[c + 1] - tab.class_ptr[c]);
+          const scalar_t* gc = gt_ptr + c * N;
+          for (int64_t n = 0; n < N; ++n) guk[n] = gc[n] * inv;
         }
       });
       return;
     }
-    const scalar_t* u_ptr = saved.data_ptr<scalar_t>();
+    const scalar_t* lq_ptr = saved.data_ptr<scalar_t>();
+    const std::vector<scalar_t> log_count = log_counts<scalar_t>(tab);
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> lq(K * W), lr(C), glq(K * W);
       for (int64_t n = begin; n < end; ++n) {
-        row_log_probs<scalar_t>(tab, u_ptr, N, n, lq.data(), lr.data());
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t j = 0; j <= tab.sizes[k]; ++j) lq[k * W + j] = lq_ptr[(k * W + j) * N + n];
+        }
+        class_log_r<scalar_t>(tab, lq.data(), log_count.data(), lr.data());
         const scalar_t z = log_sum_exp(lr.data(), C);
         const scalar_t* gn = g_ptr + n * C;
         scalar_t g_sum = 0;
@@ -235,7 +261,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cpu(
         for (int64_t c = 0; c < C; ++c) {
           const int64_t e0 = tab.class_ptr[c], e1 = tab.class_ptr[c + 1];
           const scalar_t g_lr = gn[c] - std::exp(lr[c] - z) * g_sum;
-          const scalar_t log_total = lr[c] + std::log(scalar_t(e1 - e0));
+          if (e1 - e0 == 1) {
+            glq[tab.class_entries[e0]] = g_lr;
+            continue;
+          }
+          const scalar_t log_total = lr[c] + log_count[c];
           for (int64_t e = e0; e < e1; ++e) {
             const int64_t kj = tab.class_entries[e];
             glq[kj] = g_lr * std::exp(lq[kj] - log_total);
@@ -246,9 +276,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cpu(
           const int64_t real = tab.sizes[k] + 1;
           scalar_t s = 0;
           for (int64_t j = 0; j < real; ++j) s += glq[k * W + j];
-          scalar_t* guk = gu_ptr + (k * N + n) * W;
-          for (int64_t j = 0; j < real; ++j) guk[j] = glq[k * W + j] - std::exp(lq[k * W + j]) * s;
-          for (int64_t j = real; j < W; ++j) guk[j] = 0;
+          scalar_t* guk = gu_ptr + k * W * N + n;
+          for (int64_t j = 0; j < real; ++j) guk[j * N] = glq[k * W + j] - std::exp(lq[k * W + j]) * s;
+          for (int64_t j = real; j < W; ++j) guk[j * N] = 0;
         }
       }
     });
@@ -261,16 +291,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cpu(
     // Padding columns may hold anything (even NaN): zero them so 0 * garbage cannot leak.
     std::vector<int64_t> real(tab.sizes);
     for (auto& r : real) r += mode == kProbMean ? 1 : 0;
-    const at::Tensor pad = at::arange(W, cover_index.options()).view({1, 1, W}) >=
+    const at::Tensor pad = at::arange(W, cover_index.options()).view({1, W, 1}) >=
                            at::tensor(real, cover_index.options()).view({K, 1, 1});
-    at::Tensor gh = at::bmm(gu, w.masked_fill(pad, 0).transpose(1, 2));  // [K, N, D]
-    grad_features = features.dim() == 3 ? gh.to(features.scalar_type())
-                                        : gh.transpose(0, 1).reshape({N, K * D}).to(features.scalar_type());
+    const at::Tensor w_t = w.transpose(1, 2).masked_fill(pad, 0);  // [K, W, D]
+    if (features.dim() == 3) {
+      grad_features = at::bmm(gu.transpose(1, 2), w_t).to(features.scalar_type());  // [K, N, D]
+    } else {
+      // Each head's GEMM writes its column block of [N, K*D] in place (no transpose copy).
+      at::Tensor gf = at::empty({N, K * D}, g.options());
+      for (int64_t k = 0; k < K; ++k) {
+        at::Tensor block = gf.narrow(1, k * D, D);
+        at::mm_out(block, gu[k].t(), w_t[k]);
+      }
+      grad_features = gf.to(features.scalar_type());
+    }
   }
   if (need_params) {
     const at::Tensor h = heads_view(features.to(cd), K, D);
-    grad_weight = at::bmm(h.transpose(1, 2), gu).to(weight.scalar_type());  // [K, D, W]
-    grad_bias = gu.sum(1).to(weight.scalar_type());                          // [K, W]
+    grad_weight = at::bmm(gu, h).transpose(1, 2).contiguous().to(weight.scalar_type());  // [K, D, W]
+    grad_bias = gu.sum(2).to(weight.scalar_type());                                       // [K, W]
   }
   return {grad_features, grad_weight, grad_bias};
 }
