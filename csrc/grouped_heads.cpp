@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -72,46 +74,100 @@ void check_inputs(const at::Tensor& features, const at::Tensor& weight, const Co
               "grouped_heads: features must be [N, K*D] or [K, N, D]");
 }
 
-// Row n of uT [K, W, N]: each head's log-softmax over its real outputs (j <= |S_k|) into lq [K*W],
-// also written back over uT (the backward reads log q, not u); padding becomes -inf there.
-template <typename scalar_t>
-void head_log_softmax(const CoverTables& tab, scalar_t* u_t, int64_t N, int64_t n, scalar_t* lq) {
-  const int64_t W = tab.W;
-  for (int64_t k = 0; k < tab.K; ++k) {
-    scalar_t* uk = u_t + k * W * N + n;  // output j at uk[j * N]
-    scalar_t* lqk = lq + k * W;
-    const int64_t real = tab.sizes[k] + 1;  // its classes and 'other'
-    scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
-    for (int64_t j = 0; j < real; ++j) {
-      lqk[j] = uk[j * N];
-      mx = std::max(mx, lqk[j]);
-    }
-    scalar_t s = 0;
-    for (int64_t j = 0; j < real; ++j) s += std::exp(lqk[j] - mx);
-    const scalar_t lse = mx + std::log(s);
-    for (int64_t j = 0; j < real; ++j) {
-      lqk[j] -= lse;
-      uk[j * N] = lqk[j];
-    }
-    for (int64_t j = real; j < W; ++j) uk[j * N] = -std::numeric_limits<scalar_t>::infinity();
-  }
+// prob_mean runs on blocks of kLanes rows: in the [K, W, N] layout a block's values of one head
+// output are contiguous, so every inner loop below runs over contiguous lanes and vectorizes.
+constexpr int64_t kLanes = 16;
+
+// exp for those lane loops, whose arguments are all <= 0 (x - max). float: a Cephes-style polynomial
+// (rel. error ~1e-7) with no float compare, which the compiler vectorizes (std::exp does not without
+// -ffast-math, nor does a float clamp without -fno-trapping-math); arguments below -87 give ~1e-38
+// rather than 0, which no sum here can tell apart. Not for x > 88. double (gradcheck) uses std::exp.
+template <typename T>
+inline T lane_exp(T x) {
+  return std::exp(x);
+}
+template <>
+inline float lane_exp<float>(float x) {
+  // x = max(x, -87) as an integer compare on the bits (a float one would not vectorize): for x <= 0
+  // a larger bit pattern is a more negative number (-inf and negative NaN clamp too).
+  const uint32_t x_bits = std::bit_cast<uint32_t>(x);
+  x = std::bit_cast<float>(x_bits > 0xC2AE0000u ? 0xC2AE0000u : x_bits);  // 0xC2AE0000 = -87.0f
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // in [-ln2/2, ln2/2]
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n as float bits; the integer clamp keeps the exponent field valid for very negative x.
+  const int32_t bits = (std::clamp(static_cast<int32_t>(n), -126, 127) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
 }
 
-// log r_c = log mean over the covering heads of q_k[c], from lq [K*W], into lr [C]. A class held by
-// one head (most of them) costs no exp/log.
+// Rows n0..n0+B of lq_t [K, W, N] (log q of every head output) -> lr [C][kLanes] = log r_c and
+// z [kLanes] = logsumexp over c of lr (the output is lr - z). A class held by one head (most of them)
+// costs no exp/log.
 template <typename scalar_t>
-void class_log_r(const CoverTables& tab, const scalar_t* lq, const scalar_t* log_count, scalar_t* lr) {
+void block_class_log_r(const CoverTables& tab, const scalar_t* lq_t, int64_t N, int64_t n0, int64_t B,
+                       const scalar_t* log_count, scalar_t* lr, scalar_t* z) {
+  scalar_t mx[kLanes], s[kLanes];
   for (int64_t c = 0; c < tab.C; ++c) {
     const int64_t e0 = tab.class_ptr[c], e1 = tab.class_ptr[c + 1];
+    scalar_t* lrc = lr + c * kLanes;
     if (e1 - e0 == 1) {
-      lr[c] = lq[tab.class_entries[e0]];
+      const scalar_t* q = lq_t + tab.class_entries[e0] * N + n0;
+      for (int64_t i = 0; i < B; ++i) lrc[i] = q[i];
       continue;
     }
-    scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
-    for (int64_t e = e0; e < e1; ++e) mx = std::max(mx, lq[tab.class_entries[e]]);
-    scalar_t s = 0;
-    for (int64_t e = e0; e < e1; ++e) s += std::exp(lq[tab.class_entries[e]] - mx);
-    lr[c] = mx + std::log(s) - log_count[c];
+    for (int64_t i = 0; i < B; ++i) mx[i] = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t e = e0; e < e1; ++e) {
+      const scalar_t* q = lq_t + tab.class_entries[e] * N + n0;
+      for (int64_t i = 0; i < B; ++i) mx[i] = std::max(mx[i], q[i]);
+    }
+    for (int64_t i = 0; i < B; ++i) s[i] = 0;
+    for (int64_t e = e0; e < e1; ++e) {
+      const scalar_t* q = lq_t + tab.class_entries[e] * N + n0;
+      for (int64_t i = 0; i < B; ++i) s[i] += lane_exp(q[i] - mx[i]);
+    }
+    for (int64_t i = 0; i < B; ++i) lrc[i] = mx[i] + std::log(s[i]) - log_count[c];
+  }
+  for (int64_t i = 0; i < B; ++i) mx[i] = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t c = 0; c < tab.C; ++c) {
+    for (int64_t i = 0; i < B; ++i) mx[i] = std::max(mx[i], lr[c * kLanes + i]);
+  }
+  for (int64_t i = 0; i < B; ++i) s[i] = 0;
+  for (int64_t c = 0; c < tab.C; ++c) {
+    for (int64_t i = 0; i < B; ++i) s[i] += lane_exp(lr[c * kLanes + i] - mx[i]);
+  }
+  for (int64_t i = 0; i < B; ++i) z[i] = mx[i] + std::log(s[i]);
+}
+
+// Rows n0..n0+B of uT [K, W, N]: each head's log-softmax over its real outputs (j <= |S_k|), in
+// place (uT becomes lq_t; padding becomes -inf).
+template <typename scalar_t>
+void block_head_log_softmax(const CoverTables& tab, scalar_t* u_t, int64_t N, int64_t n0, int64_t B) {
+  const int64_t W = tab.W;
+  scalar_t mx[kLanes], s[kLanes];
+  for (int64_t k = 0; k < tab.K; ++k) {
+    scalar_t* uk = u_t + k * W * N + n0;  // output j of the block at uk[j * N + i]
+    const int64_t real = tab.sizes[k] + 1;  // its classes and 'other'
+    for (int64_t i = 0; i < B; ++i) mx[i] = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t j = 0; j < real; ++j) {
+      for (int64_t i = 0; i < B; ++i) mx[i] = std::max(mx[i], uk[j * N + i]);
+    }
+    for (int64_t i = 0; i < B; ++i) s[i] = 0;
+    for (int64_t j = 0; j < real; ++j) {
+      for (int64_t i = 0; i < B; ++i) s[i] += lane_exp(uk[j * N + i] - mx[i]);
+    }
+    for (int64_t i = 0; i < B; ++i) mx[i] += std::log(s[i]);
+    for (int64_t j = 0; j < real; ++j) {
+      for (int64_t i = 0; i < B; ++i) uk[j * N + i] -= mx[i];
+    }
+    for (int64_t j = real; j < W; ++j) {
+      for (int64_t i = 0; i < B; ++i) uk[j * N + i] = -std::numeric_limits<scalar_t>::infinity();
+    }
   }
 }
 
@@ -139,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_heads_fwd_cpu(
   check_inputs(features, weight, tab);
   TORCH_CHECK(mode == kLogitMean || mode == kProbMean, "grouped_heads: mode must be 0 or 1");
   const auto cd = compute_type(features.scalar_type());
-  const int64_t K = tab.K, D = weight.size(1), W = tab.W, C = tab.C;
+  const int64_t K = tab.K, D = weight.size(1), C = tab.C;
   const int64_t N = features.dim() == 2 ? features.size(0) : features.size(1);
   const at::Tensor h = features.to(cd);
   const at::Tensor w = weight.to(cd).contiguous();
@@ -184,14 +240,18 @@ std::tuple<at::Tensor, at::Tensor> grouped_heads_fwd_cpu(
     scalar_t* u_ptr = u.data_ptr<scalar_t>();
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     const std::vector<scalar_t> log_count = log_counts<scalar_t>(tab);
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> lq(K * W);
-      for (int64_t n = begin; n < end; ++n) {
-        scalar_t* lr = out_ptr + n * C;
-        head_log_softmax<scalar_t>(tab, u_ptr, N, n, lq.data());
-        class_log_r<scalar_t>(tab, lq.data(), log_count.data(), lr);
-        const scalar_t z = log_sum_exp(lr, C);
-        for (int64_t c = 0; c < C; ++c) lr[c] -= z;
+    const int64_t blocks = (N + kLanes - 1) / kLanes;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> lr(C * kLanes);
+      scalar_t z[kLanes];
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t n0 = blk * kLanes, B = std::min(kLanes, N - n0);
+        block_head_log_softmax<scalar_t>(tab, u_ptr, N, n0, B);
+        block_class_log_r<scalar_t>(tab, u_ptr, N, n0, B, log_count.data(), lr.data(), z);
+        for (int64_t i = 0; i < B; ++i) {
+          scalar_t* out_n = out_ptr + (n0 + i) * C;
+          for (int64_t c = 0; c < C; ++c) out_n[c] = lr[c * kLanes + i] - z[i];
+        }
       }
     });
   });
@@ -244,41 +304,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cpu(
     }
     const scalar_t* lq_ptr = saved.data_ptr<scalar_t>();
     const std::vector<scalar_t> log_count = log_counts<scalar_t>(tab);
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> lq(K * W), lr(C), glq(K * W);
-      for (int64_t n = begin; n < end; ++n) {
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t j = 0; j <= tab.sizes[k]; ++j) lq[k * W + j] = lq_ptr[(k * W + j) * N + n];
+    const int64_t blocks = (N + kLanes - 1) / kLanes;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> lr(C * kLanes), glq(K * W * kLanes);
+      scalar_t z[kLanes], g_sum[kLanes], g_lr[kLanes], s[kLanes];
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t n0 = blk * kLanes, B = std::min(kLanes, N - n0);
+        block_class_log_r<scalar_t>(tab, lq_ptr, N, n0, B, log_count.data(), lr.data(), z);
+        for (int64_t i = 0; i < B; ++i) {
+          const scalar_t* gn = g_ptr + (n0 + i) * C;
+          scalar_t acc = 0;
+          for (int64_t c = 0; c < C; ++c) acc += gn[c];
+          g_sum[i] = acc;
         }
-        class_log_r<scalar_t>(tab, lq.data(), log_count.data(), lr.data());
-        const scalar_t z = log_sum_exp(lr.data(), C);
-        const scalar_t* gn = g_ptr + n * C;
-        scalar_t g_sum = 0;
-        for (int64_t c = 0; c < C; ++c) g_sum += gn[c];
         // out_c = lr_c - z: d/d lr_c = g_c - softmax(lr)_c * sum g. lr_c = log mean_k q_k[c]:
         // d lr_c / d lq_kj = q_kj / sum of the covering q's = exp(lq_kj - lr_c - log count(c)).
         std::fill(glq.begin(), glq.end(), scalar_t(0));
         for (int64_t c = 0; c < C; ++c) {
           const int64_t e0 = tab.class_ptr[c], e1 = tab.class_ptr[c + 1];
-          const scalar_t g_lr = gn[c] - std::exp(lr[c] - z) * g_sum;
+          const scalar_t* lrc = lr.data() + c * kLanes;
+          for (int64_t i = 0; i < B; ++i) {
+            g_lr[i] = g_ptr[(n0 + i) * C + c] - lane_exp(lrc[i] - z[i]) * g_sum[i];
+          }
           if (e1 - e0 == 1) {
-            glq[tab.class_entries[e0]] = g_lr;
+            scalar_t* out = glq.data() + tab.class_entries[e0] * kLanes;
+            for (int64_t i = 0; i < B; ++i) out[i] = g_lr[i];
             continue;
           }
-          const scalar_t log_total = lr[c] + log_count[c];
           for (int64_t e = e0; e < e1; ++e) {
             const int64_t kj = tab.class_entries[e];
-            glq[kj] = g_lr * std::exp(lq[kj] - log_total);
+            const scalar_t* q = lq_ptr + kj * N + n0;
+            scalar_t* out = glq.data() + kj * kLanes;
+            for (int64_t i = 0; i < B; ++i) out[i] = g_lr[i] * lane_exp(q[i] - lrc[i] - log_count[c]);
           }
         }
         // lq = u - logsumexp(u over the head's real outputs): gu = glq - q * sum(glq).
         for (int64_t k = 0; k < K; ++k) {
           const int64_t real = tab.sizes[k] + 1;
-          scalar_t s = 0;
-          for (int64_t j = 0; j < real; ++j) s += glq[k * W + j];
-          scalar_t* guk = gu_ptr + k * W * N + n;
-          for (int64_t j = 0; j < real; ++j) guk[j * N] = glq[k * W + j] - std::exp(lq[k * W + j]) * s;
-          for (int64_t j = real; j < W; ++j) guk[j * N] = 0;
+          for (int64_t i = 0; i < B; ++i) s[i] = 0;
+          for (int64_t j = 0; j < real; ++j) {
+            const scalar_t* gq = glq.data() + (k * W + j) * kLanes;
+            for (int64_t i = 0; i < B; ++i) s[i] += gq[i];
+          }
+          for (int64_t j = 0; j < W; ++j) {
+            const int64_t kj = k * W + j;
+            scalar_t* guk = gu_ptr + kj * N + n0;
+            if (j >= real) {
+              for (int64_t i = 0; i < B; ++i) guk[i] = 0;
+              continue;
+            }
+            const scalar_t* q = lq_ptr + kj * N + n0;
+            const scalar_t* gq = glq.data() + kj * kLanes;
+            for (int64_t i = 0; i < B; ++i) guk[i] = gq[i] - lane_exp(q[i]) * s[i];
+          }
         }
       }
     });
