@@ -130,6 +130,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _no_autocast(fn):
+    """The kernels pick their own precision (fp32 accumulation); autocast must not recast the GEMMs inside them."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_no_autocast
 def _native_forward(backend, features, weight, bias, tables: CoverTables, mode_code: int):
     if backend == "triton":
         from ..kernels.grouped_heads import grouped_heads_fwd as triton_fwd
@@ -139,6 +149,7 @@ def _native_forward(backend, features, weight, bias, tables: CoverTables, mode_c
                                                tables.class_entries, mode_code)
 
 
+@_no_autocast
 def _native_backward(backend, grad_out, features, weight, saved, tables: CoverTables, mode_code: int,
                      need_features: bool, need_params: bool):
     if backend == "triton":
