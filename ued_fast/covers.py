@@ -195,6 +195,19 @@ def confusion(confusion_matrix, k: int, overlap: int = 1, *, method: str = "spec
     return validate_cover(widened, c, name="confusion cover")
 
 
+def confusion_matrix(predictions, labels, num_classes: int) -> torch.Tensor:
+    """[C, C] int64 counts, row = true class, column = predicted class (input of confusion())."""
+    predictions, labels = torch.as_tensor(predictions).reshape(-1), torch.as_tensor(labels).reshape(-1)
+    if predictions.shape != labels.shape:
+        raise ValueError(f"predictions has {predictions.numel()} entries but labels has {labels.numel()}")
+    c = _check_int("num_classes", num_classes, 1)
+    for name, t in (("predictions", predictions), ("labels", labels)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
+            raise ValueError(f"{name} holds a class outside [0, {c})")
+    flat = labels.long().cpu() * c + predictions.long().cpu()
+    return torch.bincount(flat, minlength=c * c).reshape(c, c)
+
+
 def _cluster(affinity, k: int, method: str):
     import numpy as np
 

@@ -22,6 +22,11 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Loss math in fp32 for half inputs; fp64 stays fp64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _image_side(image_size) -> int:
     if isinstance(image_size, int) and not isinstance(image_size, bool):
         side = image_size
@@ -249,7 +254,7 @@ class UnifiedEnsemble(nn.Module):
         if self.mode == "logit_mean":
             return F.cross_entropy(logits, labels), logits
         n = feats.shape[0]
-        u = self.head_logits(feats).float().masked_fill(self.pad_mask, float("-inf"))
+        u = _upcast(self.head_logits(feats)).masked_fill(self.pad_mask, float("-inf"))
         targets = self.local_targets[:, labels].t()  # [N, K]
         # Sum over specialists of each one's mean CE.
         loss = F.cross_entropy(u.reshape(-1, u.shape[-1]), targets.reshape(-1), reduction="sum") / n
@@ -290,7 +295,7 @@ class GeneralistEnsemble(nn.Module):
 
     @staticmethod
     def _mix(u: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(u.float(), dim=-1)
+        log_p = F.log_softmax(_upcast(u), dim=-1)
         return torch.logsumexp(log_p, dim=1) - math.log(u.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,7 +304,7 @@ class GeneralistEnsemble(nn.Module):
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor):
         u = self.branch_logits(images)
         n, k, c = u.shape
-        loss = F.cross_entropy(u.float().reshape(n * k, c), labels.repeat_interleave(k), reduction="sum") / n
+        loss = F.cross_entropy(_upcast(u).reshape(n * k, c), labels.repeat_interleave(k), reduction="sum") / n
         return loss, self._mix(u)
 
 
@@ -315,6 +320,9 @@ TEACHER_ARCHS = {
     "teacher_l": ((64, 128, 256), (2, 2, 2)),
     "teacher_xl": ((128, 256, 512), (2, 2, 2)),
 }
+# The teacher-strength sweep, smallest first; the "strong single teacher" baseline is the largest.
+TEACHER_SWEEP = tuple(TEACHER_ARCHS)
+STRONG_TEACHER = TEACHER_SWEEP[-1]
 # The student of every experiment row: ~104k parameters at 32x32x3 / 10 classes (authors: 107k).
 STUDENT_ARCH = ((32, 64, 128), (2, 1, 1))
 STUDENT_SMALL_ARCH = ((16, 32, 64), (1, 1, 1))
