@@ -19,7 +19,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -441,29 +440,6 @@ def train_teacher(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: A
     return fit(model, splits, cfg, augment, opts, _ce_step(cfg.label_smoothing), keep_test_outputs=keep_test_outputs)
 
 
-_KD_BACKEND_CACHE: dict = {}
-
-
-def resolve_kd_backend(device: torch.device, requested: str | None = None) -> str | None:
-    """The kd_loss backend to train with. None (auto) falls back to 'reference' when the best
-    native backend is not usable in this build (a tree where the kernels are not built yet)."""
-    if requested is not None:
-        return requested
-    if device.type in _KD_BACKEND_CACHE:
-        return _KD_BACKEND_CACHE[device.type]
-    import ued_fast
-
-    try:
-        s = torch.zeros(2, 3, device=device, requires_grad=True)
-        ued_fast.kd_loss(s, torch.zeros(2, 3, device=device), torch.zeros(2, dtype=torch.long, device=device)).backward()
-        chosen = None
-    except (AttributeError, RuntimeError, NotImplementedError) as e:
-        warnings.warn(f"kd_loss: the native backend failed here ({e}); training with backend='reference'")
-        chosen = "reference"
-    _KD_BACKEND_CACHE[device.type] = chosen
-    return chosen
-
-
 def distill(student: nn.Module, teacher: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConfig,
             opts: RunOptions, *, temperature: float = 4.0, alpha: float = 0.9, kd_backend: str | None = None) -> dict:
     """Train `student` against a frozen `teacher` run on the same augmented batch:
@@ -473,7 +449,6 @@ def distill(student: nn.Module, teacher: nn.Module, splits: Splits, cfg: TrainCo
     teacher = _to_device_model(teacher, opts.device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    backend = resolve_kd_backend(opts.device, kd_backend)
 
     def step(model, images, labels):
         with torch.no_grad():
@@ -481,7 +456,7 @@ def distill(student: nn.Module, teacher: nn.Module, splits: Splits, cfg: TrainCo
         s = model(images)
         # [N, C] is tiny: compute the loss in fp32 whatever the autocast dtype.
         loss = ued_fast.kd_loss(s.float(), t.float(), labels, temperature=temperature, alpha=alpha,
-                                teacher_kind="logits", backend=backend)
+                                teacher_kind="logits", backend=kd_backend)
         return loss, s
 
     return fit(student, splits, cfg, augment, opts, step)
