@@ -6,10 +6,37 @@ skip the extension entirely (the reference and Triton backends still work).
 """
 import glob
 import os
+import platform
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cpu_arch_flags():
+    """Flags that choose the x86 vector ISA of the C++ CPU kernels.
+
+    ATen's Vectorized<T> picks its width at compile time from CPU_CAPABILITY, so the extension is
+    compiled for one ISA. Default: x86-64-v3 (AVX2 + FMA + F16C, every x86 CPU since 2015 and every
+    GPU host and CI machine of this project) with ATen's AVX2 vector code. A CPU without it gets a
+    clear error at the first kernel call. Override with UED_FAST_CPU_ARCH: 'x86-64' (portable,
+    scalar Vectorized, slower), 'x86-64-v4' (AVX-512 for this build host and its kind), or
+    'native'. Not x86: no flags (ATen's default vector code, e.g. NEON on aarch64).
+    """
+    if os.name == "nt" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    arch = os.environ.get("UED_FAST_CPU_ARCH", "x86-64-v3")
+    capability = {"x86-64-v3": "AVX2", "x86-64-v4": "AVX512"}.get(arch)
+    if arch == "native":
+        flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
+            capability = "AVX512"
+        elif {"avx2", "fma"} <= set(flags):
+            capability = "AVX2"
+    extra = [f"-march={arch}"]
+    if capability:
+        extra += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+    return extra
 
 
 def _extensions():
@@ -25,7 +52,7 @@ def _extensions():
         and cpp_extension.CUDA_HOME is not None
         and os.environ.get("UED_FAST_NO_CUDA") != "1"
     )
-    cxx = ["-O3", "-std=c++20", "-fopenmp"] if os.name != "nt" else ["/O2", "/std:c++20"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"] + _cpu_arch_flags() if os.name != "nt" else ["/O2", "/std:c++20"]
     extra = {"cxx": cxx}
     if with_cuda:
         extra["cxx"].append("-DUED_FAST_WITH_CUDA")

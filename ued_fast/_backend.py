@@ -17,6 +17,7 @@ BACKENDS = ("reference", "cpp", "triton", "cuda")
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # torch.compile: a constant, not traced
 def extension_loaded() -> bool:
     """Import ued_fast._C once; its import registers the C++ (and CUDA) ops with torch.library."""
     if os.environ.get("UED_FAST_NO_EXT") == "1":
@@ -30,6 +31,7 @@ def extension_loaded() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # torch.compile: a constant, not traced
 def cuda_kernels_built() -> bool:
     return extension_loaded() and hasattr(torch.ops.ued_fast, "cuda_built") and bool(
         torch.ops.ued_fast.cuda_built()
@@ -41,6 +43,7 @@ def triton_interpreted() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # torch.compile: a constant, not traced
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

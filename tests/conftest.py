@@ -1,0 +1,84 @@
+"""Shared test helpers: which backends run here, markers, tolerances derived from dtypes.
+
+Backends come from ued_fast.available_backends for 'cpu' (plus 'cuda' when a GPU is present), so a
+backend is covered as soon as it exists: 'triton' runs on CPU tensors under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import ued_fast
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running tests, deselected in CI with -m 'not slow'")
+
+
+def triton_op_present(op: str) -> bool:
+    """The Triton backend of `op` is testable once kernels/<op>.py exists (the op layer imports it lazily)."""
+    return importlib.util.find_spec(f"ued_fast.kernels.{op}") is not None
+
+
+def backend_cases(op: str) -> list:
+    """pytest params (backend, device) for every backend of `op` that can run on this machine."""
+    cases = []
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for backend in ued_fast.available_backends(device):
+            if backend == "triton" and not triton_op_present(op):
+                continue
+            cases.append(pytest.param(backend, device, id=f"{backend}-{device}"))
+    return cases
+
+
+def float_dtypes(backend: str) -> list[torch.dtype]:
+    """Input dtypes a backend takes: the GPU kernels are written for 16- and 32-bit floats."""
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    if backend in ("cpp", "reference"):
+        dtypes.append(torch.float64)
+    return dtypes
+
+
+# The Triton interpreter runs every program in numpy: it gets small problems only.
+TRITON_MAX_ROWS, TRITON_MAX_COLS = 64, 4097
+
+
+def sized_for(backend: str, device: str, n: int, c: int) -> int:
+    """Rows to use for a [n, c] case (fewer under the Triton interpreter); skips a case too wide for it."""
+    if backend == "triton" and device == "cpu":
+        if c > TRITON_MAX_COLS:
+            pytest.skip(f"C={c} is too wide for the Triton interpreter (one case with C=32000 runs elsewhere)")
+        return min(n, TRITON_MAX_ROWS)
+    return n
+
+
+def eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def compute_eps(dtype: torch.dtype) -> float:
+    """Unit roundoff of the arithmetic: float32 registers for every input dtype but float64."""
+    return eps(torch.float64) if dtype == torch.float64 else eps(torch.float32)
+
+
+def assert_close(actual, expected, *, rtol: float, atol: float, what: str):
+    """|actual - expected| <= atol + rtol*|expected| entrywise, with the same non-finite entries."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(actual), finite), f"{what}: non-finite entries differ"
+    assert torch.equal(actual[~finite], expected[~finite]) or bool(
+        torch.isnan(expected[~finite]).all()
+    ), f"{what}: infinities differ"
+    err = (actual[finite] - expected[finite]).abs()
+    atol = torch.as_tensor(atol, dtype=torch.float64).cpu().expand_as(expected)[finite]
+    bound = atol + rtol * expected[finite].abs()
+    if err.numel() and not bool((err <= bound).all()):
+        worst = int((err - bound).argmax())
+        raise AssertionError(
+            f"{what}: max error {float(err.max()):.3g}; worst entry {float(actual[finite][worst]):.6g} vs "
+            f"{float(expected[finite][worst]):.6g} (bound {float(bound[worst]):.3g})"
+        )
