@@ -1,7 +1,20 @@
 """ensemble_kd_loss: kd_loss against the mixture of K teachers (DESIGN 2.2).
 
-Spec: ued_fast.reference.ensemble_kd_loss_reference. The native backends read each teacher once
-and never write a [K, N, C] or [N, C] target tensor.
+Spec: ued_fast.reference.ensemble_kd_loss_reference. Backends: 'cpp' and 'cuda' are the C++ op
+torch.ops.ued_fast.ensemble_kd_loss_fwd (csrc/ensemble_kd_loss.cpp, csrc/ensemble_kd_loss_cuda.cu),
+'triton' is ued_fast.kernels.ensemble_kd_loss, 'reference' is the spec (differentiated by autograd).
+
+Every native backend implements one forward with this contract:
+    ensemble_kd_loss_fwd(student [N, C], teachers: K tensors [N, C] in the student's dtype (unit stride
+                         along classes, any row stride; views of one [K, N, C] tensor are not copied),
+                         weights [K, N] normalized over K (float32; float64 for a float64 student),
+                         target [N] int64 or None, temperature, alpha, t2_scale, ignore_index,
+                         mix (0 'prob', 1 'logit'), compute_grad)
+      -> row_loss [N] float32 (float64 for float64), 0 on ignored rows;
+         grad [N, C] contiguous in the student's dtype, d row_loss[i] / d student[i] (0 on ignored
+         rows), or an empty tensor when compute_grad is False.
+The kernels read each teacher row, form the mixture in registers and never write a [K, N, C] or
+[N, C] target tensor. Backward is one multiply of the saved gradient, as in kd_loss.
 """
 from __future__ import annotations
 
@@ -13,9 +26,12 @@ from torch import nn
 from .. import _backend
 from ..reference import MIXES, ensemble_kd_loss_reference
 from . import _checks
-from .kd_loss import check_kd_args
+from .kd_loss import check_kd_args, reduction_scale
 
 OP = "ensemble_kd_loss"
+_MIX_CODE = {name: i for i, name in enumerate(MIXES)}
+# The CUDA kernel passes the teacher pointers by value in its launch arguments.
+CUDA_MAX_TEACHERS = 32
 
 
 def _as_teacher_stack(teachers, student: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -52,6 +68,111 @@ def _check_weights(weights, k: int, student: torch.Tensor) -> None:
             raise ValueError(f"{OP}: weights must not sum to 0 over the K teachers")
 
 
+def stacked_view(teachers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """K same-shaped [N, C] tensors as one [K, N, C] tensor: a view when they are equally spaced views
+    of one storage (e.g. the unbind of a stack), else a copy (torch.stack)."""
+    first = teachers[0]
+    if len(teachers) == 1:
+        return first.unsqueeze(0)
+    step = teachers[1].storage_offset() - first.storage_offset()
+    same_layout = all(
+        t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and t.stride() == first.stride() and t.dtype == first.dtype
+        and t.storage_offset() == first.storage_offset() + k * step
+        for k, t in enumerate(teachers)
+    )
+    if same_layout and step >= 0:
+        return first.as_strided((len(teachers),) + tuple(first.shape), (step,) + tuple(first.stride()),
+                                first.storage_offset())
+    return torch.stack(list(teachers))
+
+
+def _native_forward(backend, student, teachers, weights, target, temperature, alpha, t2_scale, ignore_index,
+                    mix, compute_grad):
+    code = _MIX_CODE[mix]
+    if backend == "triton":
+        from ..kernels.ensemble_kd_loss import ensemble_kd_loss_fwd as triton_ensemble_kd_loss_fwd
+
+        return triton_ensemble_kd_loss_fwd(student, stacked_view(teachers), weights, target, temperature, alpha,
+                                           t2_scale, ignore_index, code, compute_grad)
+    return torch.ops.ued_fast.ensemble_kd_loss_fwd(student, teachers, weights, target, temperature, alpha,
+                                                   t2_scale, ignore_index, code, compute_grad)
+
+
+@torch.library.custom_op("ued_fast::ensemble_kd_loss", mutates_args=())
+def _ensemble_kd_loss_op(
+    student: torch.Tensor, teachers: list[torch.Tensor], weights: torch.Tensor, target: torch.Tensor | None,
+    temperature: float, alpha: float, t2_scale: bool, reduction: str, ignore_index: int, mix: str,
+    backend: str, compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, grad of the row losses [N, C] or empty, reduction scale 0-d)."""
+    rows, grad = _native_forward(backend, student, teachers, weights, target, temperature, alpha, t2_scale,
+                                 ignore_index, mix, compute_grad)
+    valid = None if target is None else target != ignore_index
+    scale = reduction_scale(valid, student.shape[0], student.shape[1], reduction, rows.dtype, rows.device)
+    loss = rows if reduction == "none" else rows.sum() * scale
+    return loss, grad, scale
+
+
+@_ensemble_kd_loss_op.register_fake
+def _(student, teachers, weights, target, temperature, alpha, t2_scale, reduction, ignore_index, mix, backend,
+      compute_grad):
+    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    n, c = student.shape
+    loss = student.new_empty((n,) if reduction == "none" else (), dtype=loss_dtype)
+    grad = student.new_empty((n, c) if compute_grad else (0,))
+    return loss, grad, student.new_empty((), dtype=loss_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad, scale = output
+    ctx.reduction = inputs[7]
+    ctx.num_teachers = len(inputs[1])
+    ctx.save_for_backward(grad, scale)
+
+
+def _backward(ctx, grad_loss, _grad_grad, _grad_scale):
+    grad, scale = ctx.saved_tensors
+    if grad.numel() == 0 and ctx.needs_input_grad[0]:
+        raise RuntimeError(f"{OP}: the student gradient was not computed in the forward pass")
+    if ctx.reduction == "none":
+        grad_student = grad * grad_loss.to(grad.dtype)[:, None]
+    else:
+        grad_student = grad * (grad_loss * scale)  # 0-d factor: one multiply, in the grad's dtype
+    return (grad_student, [None] * ctx.num_teachers) + (None,) * 10
+
+
+_ensemble_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _resolve(backend, student: torch.Tensor, k: int) -> str:
+    if backend is None and student.device.type != "cpu":
+        if student.dtype == torch.float64:
+            return "reference"  # the GPU kernels are written for 16- and 32-bit floats
+        found = [b for b in _backend.available_backends(student.device)
+                 if not (b == "cuda" and k > CUDA_MAX_TEACHERS)]
+        return found[0]
+    chosen = _backend.resolve_backend(backend, student.device, OP)
+    if chosen in ("triton", "cuda") and student.dtype == torch.float64:
+        raise TypeError(f"{OP}: backend={chosen!r} takes float32, bfloat16 or float16 student, not float64")
+    if chosen == "cuda" and k > CUDA_MAX_TEACHERS:
+        raise ValueError(f"{OP}: backend='cuda' takes at most {CUDA_MAX_TEACHERS} teachers, got K={k}")
+    return chosen
+
+
+def _normalized_weights(weights: torch.Tensor | None, k: int, student: torch.Tensor) -> torch.Tensor:
+    """[K, N] weights summing to 1 over K, float32 (float64 for float64 student); [K] and None stay
+    stride-0 expansions, so nothing of size K*N is written for them."""
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    n = student.shape[0]
+    if weights is None:
+        return torch.full((k, 1), 1.0 / k, dtype=dtype, device=student.device).expand(k, n)
+    w = weights.detach().to(dtype)
+    if w.dim() == 1:
+        return (w / w.sum())[:, None].expand(k, n)
+    return w / w.sum(0, keepdim=True)
+
+
 def ensemble_kd_loss(
     student: torch.Tensor,
     teachers: torch.Tensor | Sequence[torch.Tensor],
@@ -70,19 +191,33 @@ def ensemble_kd_loss(
 
     mix='prob': p = sum_k w_k softmax(t_k/T); mix='logit': p = softmax(sum_k w_k t_k / T).
     weights: None (uniform), [K] or [K, N], non-negative, normalized over K. Other arguments as kd_loss.
+    The gradient flows to the student only (teachers and weights are constants).
+    backend: None (the best for the device), 'cpp', 'cuda', 'triton' or 'reference'.
     """
     check_kd_args(OP, student, None, target, temperature, alpha, t2_scale, reduction, ignore_index)
     _checks.check_choice(OP, "mix", mix, MIXES)
     stack = _as_teacher_stack(teachers, student)
     k = stack.shape[0] if isinstance(stack, torch.Tensor) else len(stack)
     _check_weights(weights, k, student)
-    # Until the kernels land, None means the reference.
-    chosen = "reference" if backend is None else _backend.resolve_backend(backend, student.device, OP)
-    if chosen != "reference":
-        raise NotImplementedError(f"{OP}: backend {chosen!r} is not built yet; use backend='reference'")
-    return ensemble_kd_loss_reference(student, stack, weights, target, mix=mix, temperature=float(temperature),
-                                      alpha=float(alpha), t2_scale=t2_scale, reduction=reduction,
-                                      ignore_index=ignore_index)
+    temperature, alpha = float(temperature), float(alpha)
+    chosen = _resolve(backend, student, k)
+    if chosen == "reference":
+        return ensemble_kd_loss_reference(student, stack, weights, target, mix=mix, temperature=temperature,
+                                          alpha=alpha, t2_scale=t2_scale, reduction=reduction,
+                                          ignore_index=ignore_index)
+    # Kernels take teachers in the student's dtype with unit stride along classes; a [K, N, C] input
+    # becomes K views (no copy unless its class dimension is strided or its dtype differs).
+    if isinstance(stack, torch.Tensor):
+        stack = _checks.last_dim_contiguous(stack.detach().to(student.dtype))
+        teacher_list = list(stack.unbind(0))
+    else:
+        teacher_list = [_checks.last_dim_contiguous(t.detach().to(student.dtype)) for t in stack]
+    w = _normalized_weights(weights, k, student)
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    loss, _, _ = _ensemble_kd_loss_op(_checks.last_dim_contiguous(student), teacher_list, w, target,
+                                      temperature, alpha, t2_scale, reduction, ignore_index, mix, chosen,
+                                      compute_grad)
+    return loss
 
 
 class EnsembleKDLoss(nn.Module):
