@@ -1,0 +1,483 @@
+"""Training: teachers with cross-entropy, students by distillation, evaluation.
+
+One loop (`fit`) serves both; read it top to bottom. The data lives on the device as uint8 and
+every batch is made there (ued_fast.augment). On CUDA: bf16 autocast and channels_last; on CPU:
+fp32. Every random stream is seeded and checkpointed, so `resume=True` after a kill or Ctrl-C ends
+with the same weights as an uninterrupted run (bitwise on CPU with deterministic=True).
+
+DDP hook points (a later task): `_dist_rank_world` gives the shard of the batch permutation, the
+model would be wrapped where marked, and only rank 0 writes checkpoints and logs.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import AugmentConfig, Augmenter, batch_slices, epoch_permutation, make_generator
+from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+
+
+class Interrupted(Exception):
+    """Raised after Ctrl-C (SIGINT) once the current step is done and a checkpoint is saved."""
+
+    def __init__(self, checkpoint: Path | None, epoch: int, step: int):
+        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint folder was given"
+        super().__init__(f"interrupted at epoch {epoch + 1}, step {step}; {where}; rerun with --resume to continue")
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup: float = 0.1  # fraction of all steps spent warming the lr up linearly, then linear decay to 0
+    label_smoothing: float = 0.0  # off for teachers by default (smoothed teachers distill worse)
+    eval_batch_size: int = 1024
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("lr", "momentum", "weight_decay", "warmup", "label_smoothing"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.warmup > 1 or self.label_smoothing >= 1 or self.momentum >= 1:
+            raise ValueError("warmup must be in [0, 1], label_smoothing and momentum in [0, 1)")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov must be true or false, got {self.nesterov!r}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+
+
+@dataclass
+class RunOptions:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    deterministic: bool = False
+    quiet: bool = False
+    run_dir: Path | None = None  # checkpoint and log.jsonl go here (None: neither)
+    resume: bool = False
+    desc: str = "train"
+
+
+@dataclass
+class Splits:
+    """A dataset on the device: uint8 images [N, C, H, W], int64 labels, and its normalization."""
+    name: str
+    num_classes: int
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple
+    std: tuple
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.train_x.shape[2:])
+
+
+# --- Setup ----------------------------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device: {device!r} is not a device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(on: bool) -> None:
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _dataset_stats(name: str, train_x: torch.Tensor):
+    """(num_classes or None, mean, std) in [0, 1] units: from ued_fast.data.DATASETS where it says,
+    else measured on the training images."""
+    from . import data
+
+    info = data.DATASETS.get(name) if hasattr(data, "DATASETS") else None
+
+    def get(key):
+        if info is None:
+            return None
+        return info.get(key) if isinstance(info, dict) else getattr(info, key, None)
+
+    mean, std = get("mean"), get("std")
+    if mean is None or std is None:
+        x = train_x.double().div(255).transpose(0, 1).reshape(train_x.shape[1], -1)
+        mean, std = x.mean(1).tolist(), x.std(1).clamp_min(1e-3).tolist()
+    mean = [float(m) for m in np.atleast_1d(mean)]
+    std = [float(s) for s in np.atleast_1d(std)]
+    if max(mean) > 1.0:  # given in pixel units
+        mean, std = [m / 255 for m in mean], [s / 255 for s in std]
+    return get("num_classes"), tuple(mean), tuple(std)
+
+
+def dataset_root(data_dir, dataset: str):
+    """The folder of one dataset under the --data-dir parent (None: the data module's default).
+    sklearn's digits are embedded, so they need no folder."""
+    if data_dir is None:
+        return None
+    root = Path(data_dir) / dataset
+    if not root.exists() and dataset == "digits":
+        return None
+    return root
+
+
+def load_splits(dataset: str, device, *, root=None, val_fraction: float = 0.1, seed: int = 0,
+                train_subset: int | None = None) -> Splits:
+    """Load a dataset by name, hold out a seeded validation split from its training set, and move
+    everything to the device. train_subset: keep only this many training images (seeded, before the
+    validation split), for CPU budgets."""
+    from . import data
+
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    train_x, train_y = data.load(dataset, "train", root=root)
+    test_x, test_y = data.load(dataset, "test", root=root)
+    train_x, train_y = torch.as_tensor(train_x), torch.as_tensor(train_y).long()
+    test_x, test_y = torch.as_tensor(test_x), torch.as_tensor(test_y).long()
+    if train_x.dim() == 3:  # [N, H, W] grayscale
+        train_x, test_x = train_x[:, None], test_x[:, None]
+    split_gen = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(train_x.shape[0], generator=split_gen)
+    if train_subset is not None:
+        if isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 2:
+            raise ValueError(f"train_subset must be an int >= 2 or null, got {train_subset!r}")
+        order = order[:train_subset]
+    n_val = int(round(val_fraction * order.numel()))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    num_classes, mean, std = _dataset_stats(dataset, train_x[train_idx])
+    if num_classes is None:
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
+    dev = torch.device(device)
+    return Splits(
+        name=dataset, num_classes=int(num_classes),
+        train_x=train_x[train_idx].contiguous().to(dev), train_y=train_y[train_idx].to(dev),
+        val_x=train_x[val_idx].contiguous().to(dev), val_y=train_y[val_idx].to(dev),
+        test_x=test_x.contiguous().to(dev), test_y=test_y.to(dev), mean=mean, std=std,
+    )
+
+
+class WarmupLinearDecay:
+    """lr factor: 0 -> 1 linearly over the warmup steps, then 1 -> 0 linearly (a one-cycle shape)."""
+
+    def __init__(self, total_steps: int, warmup: float):
+        self.total = max(1, total_steps)
+        self.warm = max(1, int(round(warmup * self.total))) if warmup > 0 else 0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warm:
+            return (step + 1) / self.warm
+        return max(0.0, (self.total - step) / max(1, self.total - self.warm))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm and biases (1-d parameters): it only fights their scale.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_device_model(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _prep_images(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+class _SigintFlag:
+    """Ctrl-C sets a flag the loop checks between steps; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        print("\nCtrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+# --- Evaluation -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model: nn.Module, images_u8: torch.Tensor, augmenter: Augmenter, batch_size: int = 1024) -> torch.Tensor:
+    """[N, C] float32 outputs of the model in eval mode (no augmentation)."""
+    was_training = model.training
+    model.eval()
+    device = images_u8.device
+    outs = []
+    for i in range(0, images_u8.shape[0], batch_size):
+        x = _prep_images(augmenter.eval_batch(images_u8[i : i + batch_size]), device)
+        with _autocast(device):
+            outs.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(outs) if outs else torch.empty(0, device=device)
+
+
+def evaluate(model: nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, augmenter: Augmenter,
+             batch_size: int = 1024) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    if labels.numel() == 0:
+        return float("nan")
+    out = predict(model, images_u8, augmenter, batch_size)
+    return (out.argmax(1) == labels).float().mean().item()
+
+
+def soft_target_entropy(logits: torch.Tensor, temperature: float) -> float:
+    """Mean entropy (nats) of softmax(t / T): how much a teacher's targets say beyond the top class."""
+    logp = F.log_softmax(logits.float() / temperature, dim=1)
+    return -(logp.exp() * logp).nan_to_num(0.0).sum(1).mean().item()
+
+
+# --- The loop -------------------------------------------------------------------------------------
+
+StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConfig, opts: RunOptions,
+        step_loss: StepLoss) -> dict:
+    """Train `model` for cfg.epochs; step_loss(model, images, labels) -> (loss, logits).
+
+    Returns {'val_acc', 'test_acc' (last epoch), 'log' (one dict per epoch), 'train_seconds', 'params'}.
+    """
+    device = opts.device
+    rank, world = _dist_rank_world()
+    writer = rank == 0 and opts.run_dir is not None
+    model = _to_device_model(model, device)
+    # (DDP: wrap `model` in DistributedDataParallel here.)
+    optimizer = make_optimizer(model, cfg)
+    n_train = splits.train_x.shape[0]
+    shard = len(range(rank, n_train, world))
+    slices = batch_slices(shard, cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(cfg.epochs * len(slices), cfg.warmup))
+    gen = make_generator(opts.seed, device)
+    augmenter = Augmenter(splits.mean, splits.std, augment, device)
+
+    # Where the run stands: the epoch in progress, the next step in it, that epoch's permutation and
+    # its running sums (a Ctrl-C checkpoint is taken mid-epoch; an end-of-epoch one has step 0).
+    epoch, step, perm, log = 0, 0, None, []
+    loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
+    ckpt_path = opts.run_dir / CHECKPOINT_NAME if opts.run_dir is not None else None
+    if opts.resume and ckpt_path is not None and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], gen)
+        epoch, step, log = state["epoch"], state["step"], state["log"]
+        perm = state["perm"].to(device) if state["perm"] is not None else None
+        loss_sum, correct, seen, epoch_seconds = state["partial"]
+
+    def checkpoint():
+        if not writer:
+            return
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng_state(gen), "epoch": epoch, "step": step,
+            "perm": perm.cpu() if perm is not None and step > 0 else None,
+            "partial": (float(loss_sum), int(correct), int(seen), float(epoch_seconds)), "log": log,
+            "train_config": asdict(cfg), "seed": opts.seed,
+        })
+
+    def write_log():
+        if writer:
+            text = "".join(json.dumps(entry) + "\n" for entry in log)
+            atomic_write(opts.run_dir / LOG_NAME, lambda f: f.write(text), mode="w")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.epochs * len(slices), initial=epoch * len(slices) + step, desc=opts.desc,
+               disable=not _show_progress(opts.quiet), leave=False, dynamic_ncols=True)
+    with _SigintFlag() as sigint, bar:
+        while epoch < cfg.epochs:
+            start = time.perf_counter()
+            model.train()
+            if step == 0:
+                perm = epoch_permutation(n_train, gen, device, rank, world)
+                loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
+            loss_acc = torch.zeros((), device=device)  # summed on the device: no sync per step
+            correct_acc = torch.zeros((), dtype=torch.int64, device=device)
+            while step < len(slices):
+                if sigint.set:
+                    loss_sum, correct = loss_sum + loss_acc.item(), correct + int(correct_acc.item())
+                    epoch_seconds += time.perf_counter() - start
+                    checkpoint()
+                    raise Interrupted(ckpt_path if writer else None, epoch, step)
+                idx = perm[slices[step]]
+                images = _prep_images(augmenter.train_batch(splits.train_x[idx], gen), device)
+                labels = splits.train_y[idx]
+                with _autocast(device):
+                    loss, logits = step_loss(model, images, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_acc += loss.detach().float() * labels.shape[0]
+                correct_acc += (logits.detach().argmax(1) == labels).sum()
+                seen += labels.shape[0]
+                step += 1
+                bar.update(1)
+            loss_sum, correct = loss_sum + loss_acc.item(), correct + int(correct_acc.item())
+            val_acc = evaluate(model, splits.val_x, splits.val_y, augmenter, cfg.eval_batch_size)
+            epoch_seconds += time.perf_counter() - start
+            log.append({
+                "epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                "val_acc": val_acc, "lr": scheduler.get_last_lr()[0], "seconds": epoch_seconds,
+            })
+            bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", val=f"{val_acc:.3f}")
+            epoch, step, perm = epoch + 1, 0, None
+            loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
+            checkpoint()
+            write_log()
+    test_acc = evaluate(model, splits.test_x, splits.test_y, augmenter, cfg.eval_batch_size)
+    return {
+        "val_acc": log[-1]["val_acc"] if log else float("nan"),
+        "test_acc": test_acc,
+        "log": log,
+        "train_seconds": sum(e["seconds"] for e in log),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# --- Teachers and students ------------------------------------------------------------------------
+
+def _ce_step(label_smoothing: float) -> StepLoss:
+    def step(model, images, labels):
+        if label_smoothing > 0:  # on the model's output (its log-probabilities for v2/generalist)
+            logits = model(images)
+            return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing), logits
+        return model.training_loss(images, labels)
+
+    return step
+
+
+def train_teacher(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConfig,
+                  opts: RunOptions) -> dict:
+    """Train a model (teacher, or a student from scratch) with its own training loss (cross-entropy)."""
+    return fit(model, splits, cfg, augment, opts, _ce_step(cfg.label_smoothing))
+
+
+_KD_BACKEND_CACHE: dict = {}
+
+
+def resolve_kd_backend(device: torch.device, requested: str | None = None) -> str | None:
+    """The kd_loss backend to train with. None (auto) falls back to 'reference' when the best
+    native backend is not usable in this build (a tree where the kernels are not built yet)."""
+    if requested is not None:
+        return requested
+    if device.type in _KD_BACKEND_CACHE:
+        return _KD_BACKEND_CACHE[device.type]
+    import ued_fast
+
+    try:
+        s = torch.zeros(2, 3, device=device, requires_grad=True)
+        ued_fast.kd_loss(s, torch.zeros(2, 3, device=device), torch.zeros(2, dtype=torch.long, device=device)).backward()
+        chosen = None
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
+        warnings.warn(f"kd_loss: the native backend failed here ({e}); training with backend='reference'")
+        chosen = "reference"
+    _KD_BACKEND_CACHE[device.type] = chosen
+    return chosen
+
+
+def distill(student: nn.Module, teacher: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConfig,
+            opts: RunOptions, *, temperature: float = 4.0, alpha: float = 0.9, kd_backend: str | None = None) -> dict:
+    """Train `student` against a frozen `teacher` run on the same augmented batch:
+    loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y) (ued_fast.kd_loss)."""
+    import ued_fast
+
+    teacher = _to_device_model(teacher, opts.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    backend = resolve_kd_backend(opts.device, kd_backend)
+
+    def step(model, images, labels):
+        with torch.no_grad():
+            t = teacher(images)
+        s = model(images)
+        # [N, C] is tiny: compute the loss in fp32 whatever the autocast dtype.
+        loss = ued_fast.kd_loss(s.float(), t.float(), labels, temperature=temperature, alpha=alpha,
+                                teacher_kind="logits", backend=backend)
+        return loss, s
+
+    return fit(student, splits, cfg, augment, opts, step)
