@@ -58,7 +58,7 @@ def test_load_config_applies_overrides_and_checks_keys():
         load_config("demo", parse_set(["uste_v1.name=nope"]))
 
 
-@pytest.mark.parametrize("name", ["demo", "mnist", "fashion_mnist", "cifar10"])
+@pytest.mark.parametrize("name", ["demo", "mnist", "fashion_mnist", "fashion_mnist_cpu", "cifar10"])
 def test_packaged_configs_are_valid(name):
     assert name in packaged_configs()
     cfg = load_config(name)

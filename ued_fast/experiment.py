@@ -31,9 +31,8 @@ import yaml
 
 from .augment import AugmentConfig
 from .checkpoint import atomic_write, load_checkpoint, save_json
-from .train import (CHECKPOINT_NAME, dataset_root, RunOptions, TrainConfig, distill, load_splits, predict, resolve_device,
+from .train import (CHECKPOINT_NAME, dataset_root, RunOptions, TrainConfig, distill, load_splits, resolve_device,
                     seed_everything, set_deterministic, soft_target_entropy, train_teacher)
-from .augment import Augmenter
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -47,6 +46,7 @@ DEFAULTS: dict = {
     "seeds": [0, 1, 2],
     "device": "auto",
     "deterministic": False,
+    "num_threads": None,  # torch intra-op threads (None: torch's default); tiny models run best on 1
     "quiet": False,
     "student": {"name": "student"},
     # Single teachers of growing size; the last one is the strong teacher of row kd_strong.
@@ -208,6 +208,9 @@ def check_config(cfg: dict) -> None:
         raise ConfigError(f"'kd.alpha' must be in [0, 1], got {kd['alpha']!r}")
     if not isinstance(cfg["val_fraction"], (int, float)) or not 0 < cfg["val_fraction"] < 1:
         raise ConfigError(f"'val_fraction' must be in (0, 1), got {cfg['val_fraction']!r}")
+    nt = cfg["num_threads"]
+    if nt is not None and (isinstance(nt, bool) or not isinstance(nt, int) or nt < 1):
+        raise ConfigError(f"'num_threads' must be an int >= 1 or null, got {nt!r}")
     if not isinstance(cfg["dataset"], str):
         raise ConfigError(f"'dataset' must be a dataset name, got {cfg['dataset']!r}")
 
@@ -265,6 +268,8 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg["device"])
     set_deterministic(bool(cfg["deterministic"]))
+    if cfg["num_threads"] is not None:
+        torch.set_num_threads(cfg["num_threads"])
     student_cfg = TrainConfig(**cfg["train"])
     teacher_cfg = TrainConfig(**{**cfg["train"], **cfg["teacher_train"]})
     augment = AugmentConfig(**cfg["augment"])
@@ -314,10 +319,8 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False) -> dict:
 
         def teacher_run(name, spec, extra_kwargs=None):
             def train_fn(model, o):
-                r = train_teacher(model, splits, teacher_cfg, augment, o)
-                logits = predict(model, splits.test_x, Augmenter(splits.mean, splits.std, augment, device),
-                                 teacher_cfg.eval_batch_size)
-                r["entropy"] = soft_target_entropy(logits, T)
+                r = train_teacher(model, splits, teacher_cfg, augment, o, keep_test_outputs=True)
+                r["entropy"] = soft_target_entropy(r.pop("test_outputs"), T)
                 r["model"] = spec["name"]
                 return r
 

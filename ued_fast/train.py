@@ -315,10 +315,11 @@ StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor,
 
 
 def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConfig, opts: RunOptions,
-        step_loss: StepLoss) -> dict:
+        step_loss: StepLoss, *, keep_test_outputs: bool = False) -> dict:
     """Train `model` for cfg.epochs; step_loss(model, images, labels) -> (loss, logits).
 
-    Returns {'val_acc', 'test_acc' (last epoch), 'log' (one dict per epoch), 'train_seconds', 'params'}.
+    Returns {'val_acc', 'test_acc' (last epoch), 'log' (one dict per epoch), 'train_seconds', 'params'},
+    plus 'test_outputs' [N_test, C] when keep_test_outputs (e.g. for a teacher's soft-target entropy).
     """
     device = opts.device
     rank, world = _dist_rank_world()
@@ -409,14 +410,17 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConf
             loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
             checkpoint()
             write_log()
-    test_acc = evaluate(model, splits.test_x, splits.test_y, augmenter, cfg.eval_batch_size)
-    return {
+    test_outputs = predict(model, splits.test_x, augmenter, cfg.eval_batch_size)
+    result = {
         "val_acc": log[-1]["val_acc"] if log else float("nan"),
-        "test_acc": test_acc,
+        "test_acc": (test_outputs.argmax(1) == splits.test_y).float().mean().item(),
         "log": log,
         "train_seconds": sum(e["seconds"] for e in log),
         "params": sum(p.numel() for p in model.parameters()),
     }
+    if keep_test_outputs:
+        result["test_outputs"] = test_outputs
+    return result
 
 
 # --- Teachers and students ------------------------------------------------------------------------
@@ -432,9 +436,9 @@ def _ce_step(label_smoothing: float) -> StepLoss:
 
 
 def train_teacher(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConfig,
-                  opts: RunOptions) -> dict:
+                  opts: RunOptions, *, keep_test_outputs: bool = False) -> dict:
     """Train a model (teacher, or a student from scratch) with its own training loss (cross-entropy)."""
-    return fit(model, splits, cfg, augment, opts, _ce_step(cfg.label_smoothing))
+    return fit(model, splits, cfg, augment, opts, _ce_step(cfg.label_smoothing), keep_test_outputs=keep_test_outputs)
 
 
 _KD_BACKEND_CACHE: dict = {}
