@@ -5,6 +5,7 @@ The multi-process tests start 2 processes on CPU with the gloo backend on a free
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,7 +128,8 @@ def _train(model, x, y, batch, rank, world, steps_epochs=2):
     return totals
 
 
-def _worker(rank: int, port: int, out_dir: str, batchnorm: bool):
+def _worker(rank: int, port: int, out_dir: str):
+    """Everything the 2-process tests check, in one spawn (starting processes is the slow part)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -136,6 +138,7 @@ def _worker(rank: int, port: int, out_dir: str, batchnorm: bool):
         assert info.distributed and info.rank == rank and D.current().world_size == WORLD
         sums = D.all_reduce_sums({"rank": rank, "one": 1})
         assert sums == {"rank": 0 + 1, "one": 2}, sums
+        assert D.any_rank(rank == 1) and not D.any_rank(False)
         assert D.broadcast_object(f"from {rank}") == "from 0"
         # main_first: rank 0's write is visible to the others when they enter.
         marker = os.path.join(out_dir, "made_by_rank0")
@@ -145,23 +148,39 @@ def _worker(rank: int, port: int, out_dir: str, batchnorm: bool):
                     f.write("x")
             else:
                 assert os.path.exists(marker)
-        model = D.wrap_model(_mlp(0, batchnorm), info)
-        assert isinstance(model, nn.parallel.DistributedDataParallel)
-        assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-        x, y = _data()
-        metrics = _train(model, x, y, batch=6, rank=rank, world=WORLD)
-        if info.is_main:  # rank-0-only write
-            torch.save({"state": D.unwrap(model).state_dict(), "metrics": metrics},
-                       os.path.join(out_dir, "result.pt"))
+        bn = nn.BatchNorm1d(3)
+        bn.running_mean.fill_(float(rank))
+        D.broadcast_buffers(bn)
+        assert float(bn.running_mean.sum()) == 0.0
+        for batchnorm in (False, True):
+            model = D.wrap_model(_mlp(0, batchnorm), info)
+            assert isinstance(model, nn.parallel.DistributedDataParallel)
+            assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+            x, y = _data()
+            metrics = _train(model, x, y, batch=6, rank=rank, world=WORLD)
+            if info.is_main:  # rank-0-only write
+                torch.save({"state": D.unwrap(model).state_dict(), "metrics": metrics},
+                           os.path.join(out_dir, f"mlp_bn{int(batchnorm)}.pt"))
+        for kind in ("teacher", "distill"):
+            result = _fit_run(os.path.join(out_dir, kind), kind)
+            if info.is_main:
+                torch.save({k: v for k, v in result.items() if k != "test_outputs"},
+                           os.path.join(out_dir, kind, "fit.pt"))
         D.barrier()
     finally:
         D.cleanup()
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(D.free_port(), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
 @pytest.mark.parametrize("batchnorm", [False, True], ids=["no_bn", "batchnorm"])
-def test_two_gloo_processes_match_one_process(tmp_path, batchnorm):
-    mp.spawn(_worker, args=(D.free_port(), str(tmp_path), batchnorm), nprocs=WORLD, join=True)
-    got = torch.load(tmp_path / "result.pt")
+def test_two_gloo_processes_match_one_process(two_processes, batchnorm):
+    got = torch.load(two_processes / f"mlp_bn{int(batchnorm)}.pt")
     single = _mlp(0, batchnorm)
     x, y = _data()
     want = _train(single, x, y, batch=6, rank=0, world=1)
@@ -178,3 +197,128 @@ def test_two_gloo_processes_match_one_process(tmp_path, batchnorm):
                  if v.is_floating_point()]
         assert max(diffs) > 1e-9, "per-rank BatchNorm statistics should change the result"
         assert got["metrics"]["loss"] == pytest.approx(want["loss"], rel=0.2)
+
+
+# --- the training loop under DDP (ued_fast.train.fit, as torchrun runs it) ---------------------------
+
+class _NoBatchNormNet(nn.Module):
+    """A small CNN without BatchNorm: DDP must then reproduce one process up to float summation order."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    def training_loss(self, images, labels):
+        logits = self(images)
+        return nn.functional.cross_entropy(logits, labels), logits
+
+
+def _splits():
+    from ued_fast.train import Splits
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (150, 1, 8, 8), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 4, (150,), generator=g)
+    x[y == 1, :, :4] = 255  # something learnable
+    x[y == 2, :, :, :4] = 0
+    return Splits(name="toy", num_classes=4, train_x=x[:100], train_y=y[:100], val_x=x[100:125], val_y=y[100:125],
+                  test_x=x[125:], test_y=y[125:], mean=(0.5,), std=(0.25,))
+
+
+def _fit_run(run_dir, kind: str):
+    """Teacher training (kind 'teacher') or distillation from a fixed teacher (kind 'distill')."""
+    from ued_fast import train
+    from ued_fast.augment import AugmentConfig
+
+    cfg = train.TrainConfig(epochs=3, batch_size=21, lr=0.1)  # 11 + 10 rows per rank: uneven
+    opts = train.RunOptions(run_dir=Path(run_dir), quiet=True, seed=5)
+    aug = AugmentConfig(crop_padding=1)
+    if kind == "teacher":
+        return train.train_teacher(_NoBatchNormNet(0), _splits(), cfg, aug, opts)
+    return train.distill(_NoBatchNormNet(1), _NoBatchNormNet(2), _splits(), cfg, aug, opts, temperature=3.0,
+                         alpha=0.6, kd_backend="reference")
+
+
+@pytest.mark.parametrize("kind", ["teacher", "distill"])
+def test_fit_on_two_processes_equals_one_process(two_processes, tmp_path, kind):
+    from ued_fast.checkpoint import load_checkpoint
+
+    torch.set_num_threads(1)
+    single = _fit_run(tmp_path / "one", kind)
+    ddp = torch.load(two_processes / kind / "fit.pt", weights_only=False)
+    got, want = (load_checkpoint(d / "checkpoint.pt") for d in (two_processes / kind, tmp_path / "one"))
+    assert got["model"].keys() == want["model"].keys()  # the plain module's keys, no 'module.' prefix
+    for name, p in want["model"].items():
+        torch.testing.assert_close(got["model"][name], p, rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(ddp["log"], single["log"], strict=True):
+        assert a["epoch"] == b["epoch"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert abs(a["train_acc"] - b["train_acc"]) <= 1 / 84  # an argmax near-tie may flip one image
+        assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1 / 25)
+    assert ddp["test_acc"] == pytest.approx(single["test_acc"], abs=1 / 25)
+
+
+# --- torchrun end to end: `torchrun --nproc_per_node 2 -m ued_fast.cli ...` --------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+CLI_COMMON = ["--dataset", "digits", "--epochs", "4", "--batch-size", "32", "--lr", "0.2", "--train-subset", "600",
+              "--deterministic", "--quiet", "--device", "cpu"]
+TEACHER_ARCH = ["widths=[8, 16]", "depths=[1, 1]"]
+# The models here have BatchNorm, whose batch statistics each rank takes over its 16 of the 32
+# images (no SyncBatchNorm on CPU): the two runs are different computations of the same training.
+# Measured gaps: final loss 4-20% relative, accuracies 0.5-3 points; the bounds leave room.
+LOSS_RTOL, ACC_ATOL = 0.25, 0.06
+
+
+def _run_cli(args, nproc: int):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "ued_fast.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(D.free_port()), "-m", "ued_fast.cli", *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def _result(run: Path) -> dict:
+    import json
+
+    return json.loads((run / "result.json").read_text())
+
+
+def _close_runs(one: dict, two: dict):
+    assert [e["epoch"] for e in two["log"]] == [e["epoch"] for e in one["log"]]
+    assert two["log"][-1]["loss"] == pytest.approx(one["log"][-1]["loss"], rel=LOSS_RTOL)
+    assert two["log"][-1]["loss"] < two["log"][0]["loss"]  # it trains
+    for key in ("val_acc", "test_acc"):
+        assert abs(two[key] - one[key]) <= ACC_ATOL, (key, one[key], two[key])
+
+
+def test_torchrun_teacher_and_distill_match_one_process(tmp_path):
+    from ued_fast.checkpoint import load_checkpoint
+
+    teacher = ["train-teacher", "--model", "teacher_s", *[a for x in TEACHER_ARCH for a in ("--model-arg", x)],
+               *CLI_COMMON]
+    _run_cli(teacher + ["--out", str(tmp_path / "t1")], 1)
+    p = _run_cli(teacher + ["--out", str(tmp_path / "t2")], 2)
+    assert p.stdout.count("teacher teacher_s on digits") == 1  # rank 0 alone reports
+    _close_runs(_result(tmp_path / "t1"), _result(tmp_path / "t2"))
+    ckpt = load_checkpoint(tmp_path / "t2" / "checkpoint.pt")
+    assert ckpt["epoch"] == 4 and not any(k.startswith("module.") for k in ckpt["model"])
+
+    distill = ["distill", "--student", "student_small", "--teacher", "teacher_s",
+               *[a for x in TEACHER_ARCH for a in ("--teacher-arg", x)],
+               "--teacher-checkpoint", str(tmp_path / "t1" / "checkpoint.pt"), *CLI_COMMON]
+    _run_cli(distill + ["--out", str(tmp_path / "s1")], 1)
+    _run_cli(distill + ["--out", str(tmp_path / "s2")], 2)
+    _close_runs(_result(tmp_path / "s1"), _result(tmp_path / "s2"))

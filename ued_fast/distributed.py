@@ -179,6 +179,21 @@ def all_reduce_sums(values: Mapping[str, float | torch.Tensor], device=None) -> 
     return {k: float(v) for k, v in zip(names, flat.cpu().tolist())}
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (e.g. Ctrl-C seen by one process)."""
+    if not current().distributed:
+        return bool(flag)
+    return all_reduce_sums({"flag": float(bool(flag))})["flag"] > 0
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm running statistics) to every rank."""
+    if not current().distributed:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=src)
+
+
 def broadcast_object(obj, src: int = 0):
     """rank `src`'s Python object on every rank (e.g. a run folder name chosen by rank 0)."""
     if not current().distributed:
@@ -202,6 +217,20 @@ def main_first():
 
 
 # --- model wrapping ------------------------------------------------------------------------------
+
+class LossModule(nn.Module):
+    """forward(images, labels) = step_loss(model, images, labels): the whole loss computation as one
+    module call, so that DistributedDataParallel wraps it (its hooks see every parameter used,
+    whether the step calls model(x) or model.training_loss(x, y))."""
+
+    def __init__(self, model: nn.Module, step_loss):
+        super().__init__()
+        self.model = model
+        self.step_loss = step_loss
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        return self.step_loss(self.model, images, labels)
+
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
