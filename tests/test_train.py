@@ -137,10 +137,11 @@ class _Fail(Exception):
     pass
 
 
-@pytest.mark.parametrize("how", ["crash", "sigint"])
-def test_resume_gives_the_same_weights_as_a_straight_run(splits, tmp_path, how):
+@pytest.mark.parametrize("how, stop_at", [("crash", 2), ("sigint", 2), ("sigint", 0)])
+def test_resume_gives_the_same_weights_as_a_straight_run(splits, tmp_path, how, stop_at):
     """Straight 3 epochs vs. stopped in epoch 2 (a crash: resume from the end-of-epoch-1 checkpoint; or
-    Ctrl-C: a mid-epoch checkpoint) and resumed: bitwise the same weights (CPU, deterministic)."""
+    Ctrl-C: a mid-epoch checkpoint, or one taken before the first step of epoch 2, after its permutation
+    was drawn) and resumed: bitwise the same weights (CPU, deterministic)."""
     set_deterministic(True)
     try:
         cfg = TrainConfig(epochs=3, batch_size=64, lr=0.1)
@@ -154,7 +155,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(splits, tmp_path, how):
 
         def stopping_step(model, x, y):
             calls["n"] += 1
-            if calls["n"] == steps_per_epoch + 2:
+            if calls["n"] == steps_per_epoch + stop_at:
                 if how == "crash":
                     raise _Fail
                 os.kill(os.getpid(), signal.SIGINT)  # handled: the loop stops before the next step
@@ -164,7 +165,8 @@ def test_resume_gives_the_same_weights_as_a_straight_run(splits, tmp_path, how):
         with pytest.raises(_Fail if how == "crash" else Interrupted):
             fit(tiny_model(splits), splits, cfg, aug, opts, stopping_step)
         ck = load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)
-        assert (ck["epoch"], ck["step"]) == ((1, 0) if how == "crash" else (1, 2))
+        assert (ck["epoch"], ck["step"]) == (1, 0 if how == "crash" else stop_at)
+        assert (ck["perm"] is None) == (how == "crash")
         opts.resume = True
         resumed = fit(tiny_model(splits, seed=123), splits, cfg, aug, opts, base)  # other init: must be overwritten
     finally:

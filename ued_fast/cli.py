@@ -5,7 +5,6 @@ line on stderr naming the argument or file and exit code 2; Ctrl-C saves a check
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import List, Optional

@@ -22,7 +22,7 @@ import math
 import platform
 import subprocess
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np

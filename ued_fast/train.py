@@ -355,7 +355,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConf
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rng_state(gen), "epoch": epoch, "step": step,
-            "perm": perm.cpu() if perm is not None and step > 0 else None,
+            "perm": perm.cpu() if perm is not None else None,
             "partial": (float(loss_sum), int(correct), int(seen), float(epoch_seconds)), "log": log,
             "train_config": asdict(cfg), "seed": opts.seed,
         })
@@ -373,7 +373,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConf
         while epoch < cfg.epochs:
             start = time.perf_counter()
             model.train()
-            if step == 0:
+            if perm is None:  # a new epoch (a resumed one keeps the permutation it was drawn with)
                 perm = epoch_permutation(n_train, gen, device, rank, world)
                 loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
             loss_acc = torch.zeros((), device=device)  # summed on the device: no sync per step
