@@ -472,12 +472,6 @@ def test_cli_distill_bad_kd_arguments(tmp_path, teacher_ckpt):
                "--teacher", "nope")
 
 
-CORRUPT_CKPT_GAP = pytest.mark.xfail(
-    strict=True, reason="gap reported to the train owner: torch.load's UnpicklingError on a corrupt checkpoint "
-    "escapes the CLI's error handling (exit 1 with a traceback)")
-
-
-@CORRUPT_CKPT_GAP
 def test_cli_corrupt_teacher_checkpoint_is_named(tmp_path):
     bad = tmp_path / "teacher.pt"
     bad.write_bytes(b"\x00garbage, not a checkpoint")
@@ -485,7 +479,6 @@ def test_cli_corrupt_teacher_checkpoint_is_named(tmp_path):
                 "--epochs", "1", "--train-subset", "64", "--device", "cpu", "--out", tmp_path / "s"], "teacher.pt")
 
 
-@CORRUPT_CKPT_GAP
 def test_cli_corrupt_resume_checkpoint_is_named(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
