@@ -24,8 +24,8 @@ CASES = backend_cases("kd_loss")
 # The Triton interpreter evaluates masked-out lanes too (exp(-inf - -inf)): numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-# Error bound constant: measured worst cases sit below a quarter of it.
-SLACK = 64.0
+# Error bound constant: measured worst cases (cpp, reference; fp32, fp64) sit near 1/8 of it.
+SLACK = 8.0
 
 
 def make_inputs(n, c, dtype, device, *, seed=0, scale=3.0, teacher_kind="logits", ignored=0.1):
@@ -45,6 +45,12 @@ def to_kind(teacher_logits, kind):
     if kind == "probs":
         return F.softmax(teacher_logits, dim=-1)
     return teacher_logits
+
+
+def reductions_for(backend, device):
+    """Every reduction; the Triton interpreter gets two: reductions are made by the op layer, shared
+    by all native backends, from the same row losses and row gradients."""
+    return ("none", "batchmean") if backend == "triton" and device == "cpu" else REDUCTIONS
 
 
 def run(backend, student, teacher, target=None, grad_output=None, **kw):
@@ -115,10 +121,13 @@ def check(backend, student, teacher, target=None, grad_output=None, what="", **k
     assert grad.dtype == student.dtype and grad.shape == student.shape
     u = compute_eps(student.dtype)
     assert_close(loss, ref_loss, rtol=SLACK * u, atol=loss_atol.cpu() + 1e-300, what=f"{what} loss")
-    # The gradient is rounded to the student's dtype; flush-to-zero near the smallest normal.
+    # The row gradient is rounded to the student's dtype, then scaled by the reduction's factor and
+    # rounded again: up to one unit in the last place (eps); flush-to-zero near the smallest normal.
+    # The Triton interpreter casts float32 to bfloat16 by truncation: twice that for bfloat16.
     rounding = torch.finfo(student.dtype)
+    ulps = 2.0 if backend == "triton" and "cpu" in str(student.device) and student.dtype == torch.bfloat16 else 1.0
     grad_tol = grad_atol + rounding.tiny * 2
-    assert_close(grad, ref_grad, rtol=rounding.eps + SLACK * u, atol=grad_tol, what=f"{what} grad")
+    assert_close(grad, ref_grad, rtol=ulps * rounding.eps + SLACK * u, atol=grad_tol, what=f"{what} grad")
     return loss, grad
 
 
@@ -145,17 +154,15 @@ def test_matches_reference_over_shapes_and_dtypes(backend, device, dtype, n, c):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 20.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("backend,device", CASES)
-def test_temperature_alpha_reduction_grid(backend, device, temperature, alpha):
+def test_temperature_alpha_grid(backend, device, temperature, alpha):
     s, t, y = make_inputs(33, 100, torch.float32, device, seed=11)
-    for reduction in REDUCTIONS:
-        for t2_scale in (True, False):
-            check(backend, s, t, y, temperature=temperature, alpha=alpha, reduction=reduction,
-                  t2_scale=t2_scale, what=f"T={temperature} alpha={alpha} {reduction} t2={t2_scale}")
+    for reduction in reductions_for(backend, device):
+        check(backend, s, t, y, temperature=temperature, alpha=alpha, reduction=reduction,
+              t2_scale=alpha != 0.5, what=f"T={temperature} alpha={alpha} {reduction}")
     # Without a target the loss is s2*KL whatever alpha is.
-    no_target = run(backend, s, t, None, temperature=temperature, alpha=alpha)
-    check(backend, s, t, None, temperature=temperature, alpha=0.3, what="no target")
-    assert_close(no_target[0], run(backend, s, t, None, temperature=temperature, alpha=0.3)[0],
-                 rtol=0, atol=0, what="alpha unused without target")
+    loss, _ = check(backend, s, t, None, temperature=temperature, alpha=alpha, what="no target")
+    assert_close(loss, run(backend, s, t, None, temperature=temperature, alpha=0.3)[0], rtol=0, atol=0,
+                 what="alpha unused without target")
 
 
 @pytest.mark.parametrize("teacher_kind", TEACHER_KINDS)
@@ -183,7 +190,7 @@ def test_teacher_kinds_of_one_teacher_agree(backend, device):
 @pytest.mark.parametrize("backend,device", CASES)
 def test_ignore_index(backend, device):
     s, t, y = make_inputs(50, 30, torch.float32, device, seed=8, ignored=0.3)
-    for reduction in REDUCTIONS:
+    for reduction in reductions_for(backend, device):
         loss, grad = check(backend, s, t, y, reduction=reduction, what=reduction)
         ignored = (y == -100).cpu()
         assert bool((grad.cpu()[ignored] == 0).all()), "ignored rows get a gradient"
@@ -195,7 +202,7 @@ def test_ignore_index(backend, device):
     check(backend, s, t, y5, ignore_index=5, what="ignore_index=5")
     # Every row ignored: loss 0 and gradient 0 (not NaN) for every reduction.
     all_ignored = torch.full_like(y, -100)
-    for reduction in REDUCTIONS:
+    for reduction in reductions_for(backend, device):
         loss, grad = run(backend, s, t, all_ignored, reduction=reduction)
         assert bool((loss == 0).all()) and bool((grad == 0).all()), reduction
 
@@ -233,14 +240,13 @@ def test_non_contiguous_inputs(backend, device):
         "column slice": lambda x: torch.cat([x[:, :1], x], 1)[:, 1:],  # offset storage
     }
     for name, view in views.items():
-        base = view(s.clone()).detach().requires_grad_()  # a non-contiguous leaf where possible
-        student = base if not base.is_contiguous() else base
+        student = view(s.clone()).detach().requires_grad_()  # a non-contiguous leaf
         teacher = view(t.clone())
-        assert not (student.is_contiguous() and teacher.is_contiguous()), name
+        assert not student.is_contiguous() and not teacher.is_contiguous(), name
         loss = ued_fast.kd_loss(student, teacher, y, backend=backend)
         loss.backward()
         assert_close(loss, ref_loss, rtol=SLACK * 1.2e-7, atol=atol[0], what=f"{name} loss")
-        assert_close(base.grad, ref_grad, rtol=1e-5, atol=atol[1] + 1e-30, what=f"{name} grad")
+        assert_close(student.grad, ref_grad, rtol=1e-5, atol=atol[1] + 1e-30, what=f"{name} grad")
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -308,6 +314,13 @@ def test_large_vocabulary(backend, device):
 @pytest.mark.parametrize("backend,device", CASES)
 def test_teacher_dtype_differs(backend, device, student_dtype, teacher_dtype):
     s, t, y = make_inputs(12, 130, torch.float64, device, seed=18)
+    if teacher_dtype == torch.float64 and torch.float64 not in float_dtypes(backend):
+        # The GPU kernels may refuse a float64 teacher, but only with a TypeError that names it.
+        try:
+            run(backend, s.to(student_dtype), t.to(teacher_dtype), y)
+        except TypeError as err:
+            assert "teacher" in str(err)
+            return
     check(backend, s.to(student_dtype), t.to(teacher_dtype), y, what=f"{student_dtype}/{teacher_dtype}")
 
 
