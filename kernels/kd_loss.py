@@ -10,7 +10,8 @@ q = softmax(b), s2 = T^2 if t2_scale else 1:
 KL = sum p*(log p - log q) over p > 0 (0*log 0 = 0, so -inf teacher logits and zero probs are
 fine). Ignored rows (target == ignore_index) read nothing and write loss 0, grad 0. A target
 outside [0, C) that is not ignore_index gives a NaN loss and a NaN grad row, never a stray read.
-Math is fp32 in registers whatever the input dtypes.
+Student: fp32, bf16 or fp16; teacher: any of those or fp64. Math is fp32 in registers whatever
+the input dtypes.
 
 Two kernels, chosen on the host from C and the element sizes (no host sync, no allocation beyond
 the two outputs, so the call is CUDA-graph safe):
@@ -30,8 +31,13 @@ _kd_chunked_kernel (larger C, LLM vocabularies): one program per row, CHUNK colu
   L2 traffic is N*C*(es+et) more. Pass-1 loads ask L2 to keep the lines (evict_last), pass-2
   loads and the grad store are marked streaming (evict_first).
 
-Exponentials: 3 per element per pass (a, b, s; 2 when there is no target), logs: 1 per element
-per pass for 'probs' teachers only.
+Exponentials per element: small kernel 3 (a, b, s; 2 without a target); chunked kernel 3 in pass 1
+(2 without a target) and in pass 2 1 (a, for the KL) plus 2 more when the grad is written (b, and
+s with a target). Logs: one per element per read of t for 'probs' teachers only.
+
+On CPU tensors (the interpreter, for tests) two launch details differ, not the math: a launch
+uses as few programs as possible (min_programs), and bf16 grads are rounded to nearest on the
+bits (SOFT_BF16_ROUNDING), because the interpreter's own fp32 -> bf16 cast truncates.
 
 Launch knobs (for tuning on the GPU) are the module constants below: SMALL_TILE_ELEMS,
 SMALL_ELEMS_PER_THREAD, SMALL_MIN_PROGRAMS, SMALL_C_LIMIT_2BYTE/_4BYTE, CHUNK_2BYTE/_4BYTE and
@@ -65,7 +71,9 @@ CHUNK_NUM_WARPS_2BYTE = 16
 CHUNK_NUM_WARPS_4BYTE = 8
 
 KERNELS = ("auto", "small", "chunked")
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A float64 teacher is read as is and rounded to fp32 in registers, like the others.
+_TEACHER_DTYPES = _STUDENT_DTYPES + (torch.float64,)
 # Running-max start: finite, so that max - start never makes inf - inf = NaN; a lane that only ever
 # saw -inf (padding, zero probabilities) keeps it and a sum of 0, and drops out of the merge.
 _MAX_START = -1.0e30
@@ -84,12 +92,26 @@ def _load_tempered_teacher(ptrs, mask, inv_t, TEACHER_KIND: tl.constexpr, EVICT:
 
 
 @triton.jit
+def _to_grad_dtype(g, grad_ptr, SOFT_BF16_ROUNDING: tl.constexpr):
+    """fp32 -> the grad's dtype, rounding to nearest even.
+
+    The interpreter truncates fp32 -> bf16 (a GPU rounds to nearest), so on CPU tensors the
+    rounding is done on the bits here: add 0x7FFF plus the lowest kept bit, keep the top 16 bits
+    (NaN and inf keep their class)."""
+    if SOFT_BF16_ROUNDING:
+        bits = g.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return g.to(grad_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _kd_small_c_kernel(
     s_ptr, t_ptr, y_ptr, loss_ptr, grad_ptr,
     n_rows, n_cols, s_row_stride, t_row_stride, y_stride,
     inv_t, kl_loss_coef, ce_coef, kl_grad_coef, ignore_index,
     HAS_TARGET: tl.constexpr, TEACHER_KIND: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    SOFT_BF16_ROUNDING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -144,7 +166,7 @@ def _kd_small_c_kernel(
             g = tl.where(y_ok[:, None], g, float("nan"))
         g = tl.where(live[:, None], g, 0.0)
         tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :],
-                 g.to(grad_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
+                 _to_grad_dtype(g, grad_ptr, SOFT_BF16_ROUNDING), mask=row_in[:, None] & col_in[None, :])
 
 
 @triton.jit
@@ -172,7 +194,7 @@ def _kd_chunked_kernel(
     n_cols, s_row_stride, t_row_stride, y_stride,
     inv_t, kl_loss_coef, ce_coef, kl_grad_coef, ignore_index,
     HAS_TARGET: tl.constexpr, TEACHER_KIND: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    CHUNK: tl.constexpr, MAX_START: tl.constexpr,
+    SOFT_BF16_ROUNDING: tl.constexpr, CHUNK: tl.constexpr, MAX_START: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_row_stride
@@ -245,7 +267,7 @@ def _kd_chunked_kernel(
                 g += ce_coef * (softmax_s - (cols == y).to(tl.float32))
                 g = tl.where(y_ok, g, float("nan"))
             g = tl.where(live, g, 0.0)
-            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=col_in,
+            tl.store(g_row + cols, _to_grad_dtype(g, grad_ptr, SOFT_BF16_ROUNDING), mask=col_in,
                      eviction_policy="evict_first")
 
     loss = kl_loss_coef * tl.sum(kl_acc, axis=0)
@@ -261,13 +283,21 @@ def small_c_limit(student: torch.Tensor, teacher: torch.Tensor) -> int:
     return SMALL_C_LIMIT_2BYTE if widest <= 2 else SMALL_C_LIMIT_4BYTE
 
 
-def small_c_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+def min_programs(device: torch.device) -> int:
+    """Fewest programs a small-C launch aims for: SMALL_MIN_PROGRAMS on a GPU; 1 in the interpreter
+    (CPU tensors), where each program costs about 10 ms of Python and there are no SMs to fill."""
+    return 1 if device.type == "cpu" else SMALL_MIN_PROGRAMS
+
+
+def small_c_config(n_rows: int, n_cols: int, min_programs: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, num_warps) of the small-C kernel: several rows per program for small C,
-    halved until the launch has SMALL_MIN_PROGRAMS programs (or one row per program)."""
+    halved until the launch has min_programs (default SMALL_MIN_PROGRAMS) programs or one row each."""
+    if min_programs is None:
+        min_programs = SMALL_MIN_PROGRAMS
     block_c = triton.next_power_of_2(n_cols)
     block_n = max(1, SMALL_TILE_ELEMS // block_c)
     block_n = min(block_n, triton.next_power_of_2(n_rows))
-    while block_n > 1 and triton.cdiv(n_rows, block_n) < SMALL_MIN_PROGRAMS:
+    while block_n > 1 and triton.cdiv(n_rows, block_n) < min_programs:
         block_n //= 2
     threads = max(1, (block_n * block_c) // SMALL_ELEMS_PER_THREAD)
     num_warps = min(SMALL_MAX_NUM_WARPS, max(1, triton.next_power_of_2(triton.cdiv(threads, 32))))
@@ -286,12 +316,14 @@ def choose_kernel(student: torch.Tensor, teacher: torch.Tensor) -> str:
 
 
 def _check(student, teacher, target, teacher_kind, kernel, chunk):
+    if student.dtype not in _STUDENT_DTYPES:
+        raise TypeError(f"kd_loss_fwd: student must be float32, bfloat16 or float16 for the Triton "
+                        f"backend, got {student.dtype}")
+    if teacher.dtype not in _TEACHER_DTYPES:
+        raise TypeError(f"kd_loss_fwd: teacher must be a float tensor, got {teacher.dtype}")
     for name, x in (("student", student), ("teacher", teacher)):
         if x.dim() != 2:
             raise ValueError(f"kd_loss_fwd: {name} must be 2-D, got shape {tuple(x.shape)}")
-        if x.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"kd_loss_fwd: {name} must be float32, bfloat16 or float16 for the "
-                            f"Triton backend, got {x.dtype}")
         if x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"kd_loss_fwd: {name} needs unit stride along classes, got strides "
                              f"{tuple(x.stride())}")
@@ -353,7 +385,8 @@ def kd_loss_fwd(
     y_stride = target.stride(0) if has_target else 0
     g = grad if compute_grad else row_loss
     scalars = (inv_t, kl_weight, ce_coef, kl_weight * inv_t, int(ignore_index))
-    flags = dict(HAS_TARGET=has_target, TEACHER_KIND=int(teacher_kind), COMPUTE_GRAD=bool(compute_grad))
+    flags = dict(HAS_TARGET=has_target, TEACHER_KIND=int(teacher_kind), COMPUTE_GRAD=bool(compute_grad),
+                 SOFT_BF16_ROUNDING=student.dtype == torch.bfloat16 and device.type == "cpu")
 
     if kernel == "auto":
         kernel = choose_kernel(student, teacher)
@@ -365,7 +398,7 @@ def kd_loss_fwd(
 def _launch(kernel, chunk, student, teacher, y, row_loss, g, y_stride, scalars, flags):
     n_rows, n_cols = student.shape
     if kernel == "small":
-        block_n, block_c, num_warps = small_c_config(n_rows, n_cols)
+        block_n, block_c, num_warps = small_c_config(n_rows, n_cols, min_programs(student.device))
         grid = (triton.cdiv(n_rows, block_n),)
         _kd_small_c_kernel[grid](
             student, teacher, y, row_loss, g, n_rows, n_cols,

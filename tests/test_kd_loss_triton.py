@@ -107,10 +107,13 @@ def test_max_sits_in_a_later_chunk():
     _check(s, t, y, kernel="chunked", chunk=64)
 
 
-def test_many_rows_per_program_with_ragged_last_block(monkeypatch):
-    # With SMALL_MIN_PROGRAMS = 1 one program takes 64 rows (37 real): masked rows must not leak.
-    monkeypatch.setattr(tk, "SMALL_MIN_PROGRAMS", 1)
-    assert tk.small_c_config(37, 10)[0] == 64
+@pytest.mark.parametrize("programs", [1, 8, 128])
+def test_rows_per_program(monkeypatch, programs):
+    # 1: one program takes 64 rows (37 real), masked rows must not leak; 8: 8 rows per program;
+    # 128 (the GPU default): one row per program.
+    monkeypatch.setattr(tk, "min_programs", lambda device: programs)
+    block_n = tk.small_c_config(37, 10, programs)[0]
+    assert block_n == {1: 64, 8: 4, 128: 1}[programs]
     s, t, y = _inputs(37, 10, seed=3)
     y[::4] = -100
     _check(s, t, y, kernel="small")
@@ -121,11 +124,23 @@ def test_many_rows_per_program_with_ragged_last_block(monkeypatch):
 @pytest.mark.parametrize("kernel", ["small", "chunked"])
 @pytest.mark.parametrize("dtype,teacher_dtype", [
     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float32, torch.float64),
 ])
 def test_dtypes(kernel, dtype, teacher_dtype):
     s, t, y = _inputs(4, 300, dtype=dtype, teacher_dtype=teacher_dtype, seed=2)
     _check(s, t, y, kernel=kernel, chunk=128 if kernel == "chunked" else None, temperature=2.0)
+
+
+@pytest.mark.parametrize("kernel", ["small", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_grad_is_the_fp32_grad_rounded_to_nearest(kernel, dtype):
+    # The same inputs as fp32 and as 16-bit students: the stored gradient must be the fp32 one
+    # rounded to nearest even (the interpreter's own fp32 -> bf16 cast truncates).
+    s, t, y = _inputs(6, 150, dtype=dtype, seed=17)
+    chunk = 64 if kernel == "chunked" else None
+    _, grad16 = _run(s, t, y, kernel=kernel, chunk=chunk)
+    _, grad32 = _run(s.float(), t, y, kernel=kernel, chunk=chunk)
+    assert torch.equal(grad16, grad32.to(dtype))
 
 
 @pytest.mark.parametrize("kernel", ["small", "chunked"])
@@ -239,7 +254,7 @@ def test_no_grad_gives_empty_grad_and_same_loss(kernel):
 
 @pytest.mark.parametrize("n,c", [(1, 1), (512, 10), (512, 100), (8192, 1000), (3, 5000), (100000, 7)])
 def test_small_c_config(n, c):
-    block_n, block_c, num_warps = tk.small_c_config(n, c)
+    block_n, block_c, num_warps = tk.small_c_config(n, c, tk.SMALL_MIN_PROGRAMS)
     assert block_c >= c and block_c & (block_c - 1) == 0
     assert block_n >= 1 and block_n & (block_n - 1) == 0
     assert block_n == 1 or block_n * block_c <= tk.SMALL_TILE_ELEMS
@@ -319,3 +334,25 @@ def test_public_kd_loss_module_bf16_chunked_path():
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-5)
     assert s.grad.dtype == torch.bfloat16
     torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-2, atol=1e-2 * s64.grad.abs().max().item())
+
+
+def test_opcheck_and_compile_with_triton_backend():
+    s, t, y = _inputs(6, 11, seed=18)
+    y[0] = -100
+    for reduction, target in (("batchmean", y), ("none", None)):
+        args = (s.clone().requires_grad_(), t, target, 2.0, 0.5, True, reduction, -100, "logits",
+                "triton", True)
+        torch.library.opcheck(torch.ops.ued_fast.kd_loss.default, args)
+
+    torch._dynamo.reset()
+
+    def step(student, teacher, target):
+        return ued_fast.kd_loss(student, teacher, target, temperature=2.0, alpha=0.5, backend="triton") * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    loss_c, loss_e = compiled(a, t, y), step(b, t, y)
+    loss_c.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
