@@ -7,9 +7,10 @@
 // (p = softmax(sum_k w_k t_k / T)). Returns row_loss [N] (fp32, fp64 for fp64) and the gradient of
 // each row's loss w.r.t. the student row, [N, C] in the student's dtype (empty unless compute_grad).
 //
-// Per row, three sweeps over the (cache-resident) row: maxima, sums of exponentials, then the
-// mixture, KL and gradient. The mixture p is formed a vector at a time in registers: no [N, C] or
-// [K, N, C] target tensor is ever written. Math in fp32 (fp64 for fp64 inputs).
+// Per row, three sweeps: maxima; exponentials and their sums (the exponentials of the row go to a
+// per-thread scratch of (K+2) x C values that stays in L1/L2); then the mixture p, KL and the
+// gradient, with one log and no exp per column. p is formed a vector at a time in registers: no
+// [N, C] or [K, N, C] tensor is ever written. Math in fp32 (fp64 for fp64 inputs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -38,6 +39,7 @@
 #define __FMA__ 1
 #endif
 #endif
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 namespace ued_fast {
@@ -47,20 +49,22 @@ using at::vec::Vectorized;
 
 template <typename acc_t>
 inline acc_t reduce_max(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
-  v.store(buf);
-  acc_t r = buf[0];
-  for (int j = 1; j < Vectorized<acc_t>::size(); ++j) r = std::max(r, buf[j]);
-  return r;
+  return at::vec::vec_reduce_all<acc_t>([](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
 }
 
 template <typename acc_t>
 inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
-  v.store(buf);
-  acc_t r = 0;
-  for (int j = 0; j < Vectorized<acc_t>::size(); ++j) r += buf[j];
-  return r;
+  return at::vec::vec_reduce_all<acc_t>([](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
+}
+
+// In-place log of n values, a vector at a time (one vector log instead of n scalar calls per row).
+template <typename acc_t>
+inline void log_inplace(acc_t* x, int64_t n) {
+  using V = Vectorized<acc_t>;
+  for (int64_t i = 0; i < n; i += V::size()) {
+    const int64_t m = std::min<int64_t>(V::size(), n - i);
+    V::loadu(x + i, m).log().store(x + i, m);
+  }
 }
 
 // n <= lanes values from p, padded with -inf (probability 0 for every stream that reads them).
@@ -70,6 +74,7 @@ inline Vectorized<acc_t> load(const scalar_t* p, int64_t n) {
   constexpr int L = V::size();
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     if (n == L) return V::loadu(p);
+    return V::set(V(-std::numeric_limits<acc_t>::infinity()), V::loadu(p, n), n);
   }
   alignas(64) acc_t buf[L];
   if (n == L) {
@@ -122,7 +127,12 @@ void run_rows(const Params& P, const scalar_t* student, int64_t s_stride,
   const bool prob_mix = P.mix == 0;
 
   std::vector<const scalar_t*> trow(P.k);
-  std::vector<acc_t> tw(P.k), tshift(P.k), tmax(P.k);
+  std::vector<acc_t> tw(P.k), tshift(P.k), tmax(P.k), logs(P.k + 2);
+  // Row scratch: exponentials of the student (2 streams) and of each teacher (or x_u, e_u), padded
+  // to whole vectors. Per thread, reused for every row; never an [N, C] tensor.
+  const int64_t Cp = (C + L - 1) / L * L;
+  std::vector<acc_t> cache_buf((2 + std::max<int64_t>(P.k, 2)) * Cp);
+  acc_t* cache = cache_buf.data();
   // Per-stream lane accumulators, kept in memory (std::vector of over-aligned AVX types is unsafe).
   std::vector<acc_t> vmax_buf(P.k * L), vsum_buf(P.k * L);
   acc_t* vmax = vmax_buf.data();
@@ -180,61 +190,86 @@ void run_rows(const Params& P, const scalar_t* student, int64_t s_stride,
     const int64_t n_streams = prob_mix ? kk : (kk > 0 ? 1 : 0);
     for (int64_t j = 0; j < n_streams; ++j) tmax[j] = reduce_max(V::loadu(vmax + j * L));
 
-    // Sweep 2: sums of exponentials (all shifted by the maxima).
+    // Sweep 2: sums of exponentials (all shifted by the maxima). The exponentials are kept in the
+    // row scratch (L1/L2-resident), so sweep 3 needs no exp at all and one log per column.
+    acc_t* e_sT = cache;
+    acc_t* e_s = cache + Cp;
+    acc_t* e_t = cache + 2 * Cp;  // prob: e_k at e_t + j*Cp; logit: x_u at e_t, e_u at e_t + Cp
     V zsT(0), zs(0);
     for (int64_t j = 0; j < n_streams; ++j) V(0).store(vsum + j * L);
     const V v_inv_t(inv_t), v_smax(s_max);
     for (int64_t c0 = 0; c0 < C; c0 += L) {
       const int64_t n = std::min<int64_t>(L, C - c0);
       const V d = load<acc_t>(s + c0, n) - v_smax;
-      zsT = zsT + vexp(d * v_inv_t);
-      if (do_ce) zs = zs + vexp(d);
+      if (do_kl) {
+        const V e = vexp(d * v_inv_t);
+        e.store(e_sT + c0);
+        zsT = zsT + e;
+      }
+      if (do_ce) {
+        const V e = vexp(d);
+        e.store(e_s + c0);
+        zs = zs + e;
+      }
       if (prob_mix) {
-        for (int64_t j = 0; j < kk; ++j)
-          (V::loadu(vsum + j * L) + vexp((load<acc_t>(trow[j] + c0, n) - V(tmax[j])) * v_inv_t)).store(vsum + j * L);
+        for (int64_t j = 0; j < kk; ++j) {
+          const V e = vexp((load<acc_t>(trow[j] + c0, n) - V(tmax[j])) * v_inv_t);
+          e.store(e_t + j * Cp + c0);
+          (V::loadu(vsum + j * L) + e).store(vsum + j * L);
+        }
       } else if (kk > 0) {
         V u = load<acc_t>(trow[0] + c0, n) * V(tw[0]);
         for (int64_t j = 1; j < kk; ++j) u = at::vec::fmadd(load<acc_t>(trow[j] + c0, n), V(tw[j]), u);
-        (V::loadu(vsum) + vexp((u - V(tmax[0])) * v_inv_t)).store(vsum);
+        const V x = (u - V(tmax[0])) * v_inv_t;
+        const V e = vexp(x);
+        x.store(e_t + c0);
+        e.store(e_t + Cp + c0);
+        (V::loadu(vsum) + e).store(vsum);
       }
     }
-    const acc_t log_zsT = std::log(reduce_sum(zsT));
-    const acc_t log_zs = do_ce ? std::log(reduce_sum(zs)) : acc_t(0);
-    // prob: log(w_k p_k,c) = (t_k,c - max_k)/T + tshift_k, tshift_k = log w_k - log z_k.
-    // logit: log p_c = (u_c - max_u)/T + tshift_0, tshift_0 = -log z_u.
-    for (int64_t j = 0; j < n_streams; ++j)
-      tshift[j] = (prob_mix ? std::log(tw[j]) : acc_t(0)) - std::log(reduce_sum(V::loadu(vsum + j * L)));
+    // All the row's logs at once: [z_sT, z_s, z_k or z_u ...].
+    const acc_t z_sT = do_kl ? reduce_sum(zsT) : acc_t(1);
+    const acc_t z_s = do_ce ? reduce_sum(zs) : acc_t(1);
+    logs[0] = z_sT;
+    logs[1] = z_s;
+    for (int64_t j = 0; j < n_streams; ++j) {
+      tshift[j] = reduce_sum(V::loadu(vsum + j * L));  // z_k (prob) or z_u (logit)
+      logs[2 + j] = tshift[j];
+    }
+    log_inplace(logs.data(), 2 + n_streams);
+    const acc_t log_zsT = logs[0];
+    const acc_t log_zs = logs[1];
+    // prob: p_c = sum_k e_k,c * w_k / z_k. logit: p_c = e_u,c / z_u, log p_c = x_u,c - log z_u.
+    for (int64_t j = 0; j < n_streams; ++j) tshift[j] = prob_mix ? tw[j] / tshift[j] : acc_t(1) / tshift[j];
 
     // Sweep 3: the mixture p, KL(p || q) with 0 log 0 = 0, and the gradient.
     V kl(0);
     const acc_t g_kl = kl_w * inv_t;
-    const V v_gkl(g_kl), v_ce(ce_w), v_log_zsT(log_zsT), v_log_zs(log_zs), zero(0);
+    const V v_gkl(g_kl), v_ce(ce_w), v_log_zsT(log_zsT), zero(0);
+    const V v_inv_zsT(acc_t(1) / z_sT), v_inv_zs(acc_t(1) / z_s);
+    const V v_log_zu(n_streams && !prob_mix ? logs[2] : acc_t(0));
     for (int64_t c0 = 0; c0 < C; c0 += L) {
       const int64_t n = std::min<int64_t>(L, C - c0);
-      const V d = load<acc_t>(s + c0, n) - v_smax;
       V gv(0);
       if (do_kl) {
-        const V log_q = d * v_inv_t - v_log_zsT;
+        const V log_q = (load<acc_t>(s + c0, n) - v_smax) * v_inv_t - v_log_zsT;
         V p, log_p;
         if (prob_mix) {
           p = V(0);
-          for (int64_t j = 0; j < kk; ++j)
-            p = p + vexp(at::vec::fmadd(load<acc_t>(trow[j] + c0, n) - V(tmax[j]), v_inv_t, V(tshift[j])));
+          for (int64_t j = 0; j < kk; ++j) p = at::vec::fmadd(V::loadu(e_t + j * Cp + c0), V(tshift[j]), p);
           log_p = p.log();
         } else if (kk > 0) {
-          V u = load<acc_t>(trow[0] + c0, n) * V(tw[0]);
-          for (int64_t j = 1; j < kk; ++j) u = at::vec::fmadd(load<acc_t>(trow[j] + c0, n), V(tw[j]), u);
-          log_p = at::vec::fmadd(u - V(tmax[0]), v_inv_t, V(tshift[0]));
-          p = vexp(log_p);
+          log_p = V::loadu(e_t + c0) - v_log_zu;
+          p = V::loadu(e_t + Cp + c0) * V(tshift[0]);
         } else {
           p = V(0);
           log_p = V(-inf);
         }
         kl = kl + V::blendv(zero, p * (log_p - log_q), p > zero);
-        if (g) gv = v_gkl * (vexp(log_q) - p);
+        if (g) gv = v_gkl * (V::loadu(e_sT + c0) * v_inv_zsT - p);
       }
       if (g) {
-        if (do_ce) gv = at::vec::fmadd(v_ce, vexp(d - v_log_zs), gv);
+        if (do_ce) gv = at::vec::fmadd(v_ce, V::loadu(e_s + c0) * v_inv_zs, gv);
         store<acc_t>(gv, g + c0, n);
       }
     }
