@@ -86,7 +86,7 @@ def assert_close_scaled(actual, expected, tol, what):
     torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
-def check_against_reference(device, backend, cover, d, mode, layout, dtype, n=11, logit_scale=1.0):
+def check_against_reference(device, backend, cover, d, mode, layout, dtype, n=11, logit_scale=1.0, tol=None):
     inputs = make_inputs(cover, d, mode, layout, n=n, dtype=dtype, device=device, logit_scale=logit_scale)
     out, grads, grad_out = run_fwd_bwd(
         lambda f, w, b: grouped_heads(f, w, b, cover, mode=mode, backend=backend), inputs)
@@ -95,7 +95,7 @@ def check_against_reference(device, backend, cover, d, mode, layout, dtype, n=11
     ref_out, ref_grads, _ = run_fwd_bwd(
         lambda f, w, b: grouped_heads_reference(f, w, b, cover, mode=mode),
         [t.detach().cpu().double() for t in inputs], grad_out)
-    tol = TOL[dtype]
+    tol = tol if tol is not None else TOL[dtype]
     assert_close_scaled(out, ref_out, tol, "output")
     for name, got, want, inp in zip(("features", "weight", "bias"), grads, ref_grads, inputs):
         assert got.dtype == dtype and got.shape == inp.shape, name
@@ -126,9 +126,10 @@ def test_matches_reference_half(device, backend, mode, dtype):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS, ids=IDS)
 @pytest.mark.parametrize("layout", ["NKD", "KND"])
 def test_prob_mean_extreme_logits(device, backend, layout):
-    # Head logits in the thousands: probabilities underflow; the log-space assembly must not.
+    # Head logits in the thousands: probabilities underflow; the log-space assembly must not. float32
+    # head outputs near 1e4 carry rounding ~1e-3 into every exp, hence a looser (scaled) tolerance.
     check_against_reference(device, backend, COVERS["K5_C10"], 7, "prob_mean", layout, torch.float32,
-                            logit_scale=3e3)
+                            logit_scale=3e3, tol=2e-4)
 
 
 @pytest.mark.parametrize("device,backend", NATIVE, ids=[f"{d}-{b}" for d, b in NATIVE])
@@ -225,8 +226,12 @@ def test_opcheck(device, backend, mode):
 
 
 @pytest.mark.skipif("cpp" not in ued_fast.available_backends("cpu"), reason="C++ extension not built")
-def test_torch_compile_fullgraph_cpu():
+def test_torch_compile_fullgraph_cpu(monkeypatch):
     torch._dynamo.reset()
+    # Inductor's on-disk caches key on the graph, not on the custom op's fake: a cache written by an
+    # older build of this package could replay stale output layouts. Compile fresh.
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     cover = COVERS["K5_C10"]
     for mode in ("logit_mean", "prob_mean"):
         inputs = make_inputs(cover, 7, mode, "NKD")

@@ -7,8 +7,8 @@ csrc/grouped_heads_cuda.cu), 'triton' is ued_fast.kernels.grouped_heads, 'refere
 
 Every native backend implements this contract (mode 0 = logit_mean, 1 = prob_mean):
     fwd(features [N, K*D] or [K, N, D], weight [K, D, W], bias [K, W], cover tables, mode)
-      -> out [N, C] in the features' dtype, saved (head outputs u [K, N, W] in float32 (float64 for
-         float64) for prob_mean, empty for logit_mean)
+      -> out [N, C] in the features' dtype, saved (the head outputs for prob_mean, in float32 (float64
+         for float64): [K, N, W] on 'triton'/'cuda', transposed [K, W, N] on 'cpp'; empty for logit_mean)
     bwd(grad_out [N, C], features, weight, saved, cover tables, mode, need_features, need_params)
       -> grad_features (the features' shape), grad_weight [K, D, W], grad_bias [K, W]
          (empty when not requested).
@@ -155,7 +155,7 @@ def _grouped_heads_op(
     features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cover_flat: list[int],
     cover_sizes: list[int], num_classes: int, mode: str, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out [N, C], saved: head outputs [K, N, W] for prob_mean, empty for logit_mean)."""
+    """Returns (out [N, C], saved: the head outputs for prob_mean (layout per backend), empty for logit_mean)."""
     tables = _tables_for(cover_flat, cover_sizes, weight.shape[2], features.device)
     return _native_forward(backend, features, weight, bias, tables, _MODE_CODE[mode])
 
@@ -166,7 +166,8 @@ def _(features, weight, bias, cover_flat, cover_sizes, num_classes, mode, backen
     n = features.shape[0] if features.dim() == 2 else features.shape[1]
     cd = _compute_dtype(features.dtype)
     out = features.new_empty((n, num_classes))
-    saved = features.new_empty((k, n, width) if mode == "prob_mean" else (0,), dtype=cd)
+    saved_shape = (k, width, n) if backend == "cpp" else (k, n, width)
+    saved = features.new_empty(saved_shape if mode == "prob_mean" else (0,), dtype=cd)
     return out, saved
 
 
