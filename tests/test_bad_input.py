@@ -266,10 +266,14 @@ def test_kd_loss_minus_inf_student_logit_is_an_infinite_kl(backend, device):
 
 
 def _xfail_known(backend, what, op):
-    # Kernels that still turn a NaN/inf teacher into a finite loss (reported to their owners):
-    # their KL masks with `p > 0`, which drops NaN probabilities instead of propagating them.
+    # Kernels that still turn a NaN/inf teacher into a finite loss (reported to their owners; called
+    # only once the result is wrong, so a fixed kernel passes): the Triton KL masks with `p > 0`,
+    # which drops NaN probabilities instead of propagating them; the C++ ensemble kernel (ens-kd
+    # branch at c0a678c) gives a finite, even negative, loss for a NaN teacher logit.
     if backend == "triton" and what in ("nan", "+inf", "row -inf"):
         pytest.xfail(f"{op} Triton kernel: a NaN probability fails `p > 0` and is dropped (known bug, reported)")
+    if backend == "cpp" and op == "ensemble_kd_loss":
+        pytest.xfail(f"{op} C++ kernel: a NaN/inf teacher gives a finite loss (known bug, reported)")
 
 
 @pytest.mark.parametrize("backend,device", ENS_CASES)
