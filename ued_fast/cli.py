@@ -150,7 +150,11 @@ def _single_run(kind, dataset, model, model_args, out, epochs, batch_size, lr, s
 
         if model not in models.MODELS:
             raise ConfigError(f"--model: unknown model {model!r}; known models: {sorted(models.MODELS)}")
-        dev = resolve_device(device or G.device)
+        from . import distributed
+
+        # Under torchrun: join the process group; each process takes its own device.
+        dist_info = distributed.init_from_env(resolve_device(device or G.device))
+        dev = dist_info.device
         set_deterministic(deterministic)
         dd = data_dir or G.data_dir
         root = dataset_root(dd, dataset)
@@ -170,7 +174,11 @@ def _single_run(kind, dataset, model, model_args, out, epochs, batch_size, lr, s
             if not Path(t_ckpt).is_file():
                 raise ConfigError(f"--teacher-checkpoint: file {str(t_ckpt)!r} not found")
             t_net = _build(_model_spec({"name": t_name, **_model_kwargs(t_args, "--teacher-arg")}, "--teacher"), splits)
-            state = load_checkpoint(t_ckpt)
+            try:
+                state = load_checkpoint(t_ckpt)
+            except Exception as e:
+                raise ConfigError(f"--teacher-checkpoint {str(t_ckpt)!r} is not a readable checkpoint "
+                                  f"({type(e).__name__})") from None
             try:
                 t_net.load_state_dict(state.get("model", state))
             except RuntimeError as e:
@@ -178,12 +186,17 @@ def _single_run(kind, dataset, model, model_args, out, epochs, batch_size, lr, s
                                   f"{str(e).splitlines()[0]}") from None
             result = distill(net, t_net, splits, cfg, augment, opts, temperature=temperature, alpha=alpha)
         result.update({"kind": kind, "model": model, "dataset": dataset, "seed": seed})
+        if not dist_info.is_main:  # rank 0 alone writes and reports
+            return
         save_json(Path(out) / "result.json", result)
         typer.echo(f"{kind} {model} on {dataset}: val acc {100 * result['val_acc']:.2f}%, "
                    f"test acc {100 * result['test_acc']:.2f}%, {result['params']:,} params, "
                    f"{result['train_seconds']:.1f} s; checkpoint in {out}")
 
-    _guarded(go)
+    try:
+        _guarded(go)
+    finally:
+        _cleanup_distributed()
 
 
 @app.command("train-teacher")
@@ -225,6 +238,12 @@ def distill_cmd(
     _single_run("student", dataset, student, student_args, out, epochs, batch_size, lr, seed, val_fraction,
                 train_subset, resume, data_dir, device, quiet, deterministic,
                 teacher=(teacher, teacher_checkpoint, teacher_args), temperature=temperature, alpha=alpha)
+
+
+def _cleanup_distributed():
+    from . import distributed
+
+    distributed.cleanup()
 
 
 def main():

@@ -47,6 +47,7 @@ def cover_num_classes(cover: Cover) -> int:
 
 def cover_counts(cover: Cover, num_classes: int | None = None) -> list[int]:
     """cover_count(c): how many subsets hold class c."""
+    cover = validate_cover(cover, num_classes)
     counts = [0] * (num_classes if num_classes is not None else cover_num_classes(cover))
     for s in cover:
         for c in s:
@@ -56,6 +57,9 @@ def cover_counts(cover: Cover, num_classes: int | None = None) -> list[int]:
 
 def cover_index(cover: Cover, width: int | None = None, device=None) -> torch.Tensor:
     """[K, width] int64: entry (k, j) is the class of head k's output j, -1 past |S_k| (padding)."""
+    cover = validate_cover(cover)
+    if width is not None and width < max(len(s) for s in cover):
+        raise ValueError(f"width={width} is smaller than the largest subset ({max(len(s) for s in cover)})")
     width = width if width is not None else max(len(s) for s in cover)
     index = torch.full((len(cover), width), -1, dtype=torch.int64)
     for k, s in enumerate(cover):
@@ -250,11 +254,16 @@ def _read_structured(path) -> object:
     if not p.is_file():
         raise ValueError(f"cover file {str(p)!r} does not exist")
     text = p.read_text()
-    if p.suffix.lower() == ".json":
-        return json.loads(text)
     import yaml
 
-    return yaml.safe_load(text)  # YAML is a superset of JSON, so other suffixes parse too
+    try:
+        if p.suffix.lower() == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)  # YAML is a superset of JSON, so other suffixes parse too
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cover file {str(p)!r} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: "
+                         f"{first}") from None
 
 
 def load_cover(path, num_classes: int | None = None) -> Cover:

@@ -93,6 +93,12 @@ class ConvBody(nn.Module):
         self.feature_dim = widths[-1]  # per branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Shape and dtype only (no value reads, so no host sync): torch's own errors here are cryptic.
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"images must be [N, {self.in_channels}, H, W], got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"images must be floating point (normalized), got {x.dtype}")
         return self.layers(x).mean(dim=(2, 3))
 
     def split(self) -> list["ConvBody"]:

@@ -49,8 +49,9 @@ def _kd_rows(
     s2 = temperature * temperature if t2_scale else 1.0
     log_q = F.log_softmax(student / temperature, dim=-1)
     p = teacher_log_probs.exp()
-    # 0 * log 0 = 0: entries where the teacher gives probability 0 contribute nothing.
-    kl = torch.where(p > 0, p * (teacher_log_probs - log_q), torch.zeros_like(p)).sum(-1)
+    # 0 * log 0 = 0: entries where the teacher gives probability 0 contribute nothing (a NaN p is
+    # not 0, so a NaN teacher makes a NaN loss rather than a silent 0).
+    kl = torch.where(p == 0, torch.zeros_like(p), p * (teacher_log_probs - log_q)).sum(-1)
     if target is None:
         return s2 * kl, torch.ones_like(kl, dtype=torch.bool)
     valid = target != ignore_index
@@ -109,7 +110,9 @@ def ensemble_log_probs(
         # log sum_k w_k softmax(t_k/T), in log space so that tiny probabilities keep their precision.
         log_pk = F.log_softmax(teachers / temperature, dim=-1)
         return torch.logsumexp(log_pk + torch.log(weights)[..., None], dim=0)
-    return F.log_softmax((weights[..., None] * teachers).sum(0) / temperature, dim=-1)
+    # A teacher of weight 0 counts nowhere, even where its logit is -inf (0 * -inf would be NaN).
+    weighted = torch.where(weights[..., None] == 0, torch.zeros_like(teachers), weights[..., None] * teachers)
+    return F.log_softmax(weighted.sum(0) / temperature, dim=-1)
 
 
 def ensemble_kd_loss_reference(

@@ -5,8 +5,8 @@ every batch is made there (ued_fast.augment). On CUDA: bf16 autocast and channel
 fp32. Every random stream is seeded and checkpointed, so `resume=True` after a kill or Ctrl-C ends
 with the same weights as an uninterrupted run (bitwise on CPU with deterministic=True).
 
-DDP hook points (a later task): `_dist_rank_world` gives the shard of the batch permutation, the
-model would be wrapped where marked, and only rank 0 writes checkpoints and logs.
+Under torchrun (ued_fast.distributed) every rank takes its slice of each global batch, the loss
+runs inside DistributedDataParallel, metrics are all-reduced, and only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -320,15 +320,24 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConf
     Returns {'val_acc', 'test_acc' (last epoch), 'log' (one dict per epoch), 'train_seconds', 'params'},
     plus 'test_outputs' [N_test, C] when keep_test_outputs (e.g. for a teacher's soft-target entropy).
     """
+    from . import distributed
+
     device = opts.device
     rank, world = _dist_rank_world()
     writer = rank == 0 and opts.run_dir is not None
     model = _to_device_model(model, device)
-    # (DDP: wrap `model` in DistributedDataParallel here.)
+    # Under DDP (torchrun) the loss computation runs inside the wrapped module, so that DDP's
+    # gradient all-reduce hooks see it; `model` stays the plain module (checkpoints, evaluation).
+    train_step = distributed.LossModule(model, step_loss)
+    if world > 1:
+        if cfg.batch_size < world:
+            raise ValueError(f"batch_size={cfg.batch_size} (the global batch) must be >= the {world} processes")
+        train_step = distributed.wrap_model(train_step, distributed.DistInfo(rank, world, device=device))
     optimizer = make_optimizer(model, cfg)
     n_train = splits.train_x.shape[0]
-    shard = len(range(rank, n_train, world))
-    slices = batch_slices(shard, cfg.batch_size)
+    # Every rank walks the same global batches (same permutation, same augmentation draws) and
+    # trains on its own slice of each: W processes take the steps of one process.
+    slices = batch_slices(n_train, cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(cfg.epochs * len(slices), cfg.warmup))
     gen = make_generator(opts.seed, device)
     augmenter = Augmenter(splits.mean, splits.std, augment, device)
@@ -339,7 +348,11 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConf
     loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
     ckpt_path = opts.run_dir / CHECKPOINT_NAME if opts.run_dir is not None else None
     if opts.resume and ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
+        try:
+            state = load_checkpoint(ckpt_path)
+        except Exception as e:  # not a checkpoint this package wrote (it never leaves a torn one)
+            raise ValueError(f"--resume: {str(ckpt_path)!r} is not a readable checkpoint "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -373,31 +386,48 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConf
             start = time.perf_counter()
             model.train()
             if perm is None:  # a new epoch (a resumed one keeps the permutation it was drawn with)
-                perm = epoch_permutation(n_train, gen, device, rank, world)
+                perm = epoch_permutation(n_train, gen, device)
                 loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
             loss_acc = torch.zeros((), device=device)  # summed on the device: no sync per step
             correct_acc = torch.zeros((), dtype=torch.int64, device=device)
+            seen_acc = 0
+
+            def fold():  # this segment's sums over all ranks, added to the epoch's (global) sums
+                sums = distributed.all_reduce_sums({"loss": loss_acc, "correct": correct_acc, "seen": seen_acc})
+                return loss_sum + sums["loss"], correct + int(sums["correct"]), seen + int(sums["seen"])
+
             while step < len(slices):
-                if sigint.set:
-                    loss_sum, correct = loss_sum + loss_acc.item(), correct + int(correct_acc.item())
+                # Under DDP all ranks must stop at the same step: they agree on the flag (one
+                # tiny all-reduce per step, only when distributed).
+                if distributed.any_rank(sigint.set) if world > 1 else sigint.set:
+                    loss_sum, correct, seen = fold()
                     epoch_seconds += time.perf_counter() - start
                     checkpoint()
                     raise Interrupted(ckpt_path if writer else None, epoch, step)
                 idx = perm[slices[step]]
-                images = _prep_images(augmenter.train_batch(splits.train_x[idx], gen), device)
+                images = augmenter.train_batch(splits.train_x[idx], gen)
                 labels = splits.train_y[idx]
+                global_n = labels.shape[0]
+                if world > 1:  # this rank's slice of the global batch
+                    images, labels = (torch.tensor_split(t, world)[rank] for t in (images, labels))
+                images = _prep_images(images, device)
                 with _autocast(device):
-                    loss, logits = step_loss(model, images, labels)
+                    loss, logits = train_step(images, labels)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if world > 1:  # DDP averages over ranks: make that the global-batch mean
+                    (loss * distributed.loss_scale(labels.shape[0], global_n, world)).backward()
+                else:
+                    loss.backward()
                 optimizer.step()
                 scheduler.step()
                 loss_acc += loss.detach().float() * labels.shape[0]
                 correct_acc += (logits.detach().argmax(1) == labels).sum()
-                seen += labels.shape[0]
+                seen_acc += labels.shape[0]
                 step += 1
                 bar.update(1)
-            loss_sum, correct = loss_sum + loss_acc.item(), correct + int(correct_acc.item())
+            loss_sum, correct, seen = fold()
+            if world > 1:  # BatchNorm running statistics: rank 0's, on every rank
+                distributed.broadcast_buffers(model)
             val_acc = evaluate(model, splits.val_x, splits.val_y, augmenter, cfg.eval_batch_size)
             epoch_seconds += time.perf_counter() - start
             log.append({
