@@ -265,7 +265,7 @@ void run_rows(const Params& P, const scalar_t* student, int64_t s_stride,
           p = V(0);
           log_p = V(-inf);
         }
-        kl = kl + V::blendv(zero, p * (log_p - log_q), p > zero);
+        kl = kl + V::blendv(zero, p * (log_p - log_q), p != zero);  // != keeps a NaN p visible
         if (g) gv = v_gkl * (V::loadu(e_sT + c0) * v_inv_zsT - p);
       }
       if (g) {

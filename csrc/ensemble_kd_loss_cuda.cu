@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(TPR * ROWS) ens_kd_fwd_kernel(
         log_p = (u * P.inv_t - su.m) - log_zu;
         p = __expf(log_p);
       }
-      if (p > 0.f) kl += p * (log_p - log_q);
+      if (p != 0.f) kl += p * (log_p - log_q);  // != keeps a NaN p visible
       gv = g_kl * (__expf(log_q) - p);
     }
     if (P.do_ce) gv += P.ce_w * (__expf((x - ss.m) - log_zs) - (c == y ? 1.f : 0.f));

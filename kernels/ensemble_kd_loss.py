@@ -73,7 +73,7 @@ def _ens_kd_small_c_kernel(
             log_p = (u - u_max[:, None]) * inv_t
             log_p = log_p - tl.log(tl.sum(tl.exp(log_p), axis=1))[:, None]
             p = tl.exp(log_p)
-        kl = tl.sum(tl.where(p > 0, p * (log_p - log_q), 0.0), axis=1)
+        kl = tl.sum(tl.where(p != 0, p * (log_p - log_q), 0.0), axis=1)
         loss += kl_w * kl
         if COMPUTE_GRAD:
             g += (kl_w * inv_t) * (tl.exp(log_q) - p)
@@ -177,7 +177,7 @@ def _ens_kd_chunked_kernel(
                 log_p = (tl.sum(tl.where(w_on[:, None], w[:, None] * t, 0.0), axis=0) * inv_t - mu) - log_zu
                 log_p = tl.where(col_ok, log_p, neg_inf)
                 p = tl.exp(log_p)
-            kl_acc += tl.where(p > 0, p * (log_p - log_q), 0.0)
+            kl_acc += tl.where(p != 0, p * (log_p - log_q), 0.0)
             if COMPUTE_GRAD:
                 g += (kl_w * inv_t) * (tl.exp(log_q) - p)
         if DO_CE:

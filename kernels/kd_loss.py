@@ -145,7 +145,7 @@ def _kd_small_c_kernel(
     p = exp_a * (1.0 / sum_a)[:, None]
     log_p = a - (max_a + log_sum_a)[:, None]
     log_q = b - (max_b + log_sum_b)[:, None]
-    kl = tl.sum(tl.where(p > 0.0, p * (log_p - log_q), 0.0), axis=1)
+    kl = tl.sum(tl.where(p != 0.0, p * (log_p - log_q), 0.0), axis=1)
     loss = kl_loss_coef * kl
     if HAS_TARGET:
         exp_s = tl.exp(s - max_s[:, None])
@@ -258,7 +258,7 @@ def _kd_chunked_kernel(
         b = s * inv_t
         p = tl.exp(a - row_max_a) * inv_sum_a
         log_ratio = (a - log_norm_a) - (b - log_norm_b)
-        kl_acc += tl.where(p > 0.0, p * log_ratio, 0.0)
+        kl_acc += tl.where(p != 0.0, p * log_ratio, 0.0)
         if COMPUTE_GRAD:
             q = tl.exp(b - row_max_b) * inv_sum_b
             g = kl_grad_coef * (q - p)

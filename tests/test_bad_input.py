@@ -230,8 +230,6 @@ def test_kd_loss_nonfinite_input_gives_nonfinite_row(backend, device, where, wha
     s, t = (_poison(s, what), t) if where == "student" else (s, _poison(t, what))
     s = s.requires_grad_(True)
     rows = ued_fast.kd_loss(s, t, y if with_target else None, reduction="none", backend=backend)
-    if where == "teacher" and _nonfinite_rows(rows) != [1]:
-        _xfail_known(backend, what, "kd_loss")
     assert _nonfinite_rows(rows) == [1], rows  # only the poisoned row, and it is not silently finite
     rows.sum().backward()
     assert _nonfinite_rows(s.grad) == [1]
@@ -265,17 +263,6 @@ def test_kd_loss_minus_inf_student_logit_is_an_infinite_kl(backend, device):
     assert rows[1] == math.inf and torch.isfinite(rows[[0, 2, 3]]).all()
 
 
-def _xfail_known(backend, what, op):
-    # Kernels that still turn a NaN/inf teacher into a finite loss (reported to their owners; called
-    # only once the result is wrong, so a fixed kernel passes): the Triton KL masks with `p > 0`,
-    # which drops NaN probabilities instead of propagating them; the C++ ensemble kernel (ens-kd
-    # branch at c0a678c) gives a finite, even negative, loss for a NaN teacher logit.
-    if backend == "triton" and what in ("nan", "+inf", "row -inf"):
-        pytest.xfail(f"{op} Triton kernel: a NaN probability fails `p > 0` and is dropped (known bug, reported)")
-    if backend == "cpp" and op == "ensemble_kd_loss":
-        pytest.xfail(f"{op} C++ kernel: a NaN/inf teacher gives a finite loss (known bug, reported)")
-
-
 @pytest.mark.parametrize("backend,device", ENS_CASES)
 @pytest.mark.parametrize("what", ["nan", "+inf", "row -inf"])
 @pytest.mark.parametrize("mix", ["prob", "logit"])
@@ -284,10 +271,7 @@ def test_ensemble_kd_loss_nonfinite_teacher_gives_nonfinite_row(backend, device,
     T = T.clone()
     T[1] = _poison(T[1], what)  # one teacher of three
     s = s.requires_grad_(True)
-    kd_xfail = "ensemble_kd_loss"
     rows = ued_fast.ensemble_kd_loss(s, T, w, mix=mix, reduction="none", backend=backend)
-    if _nonfinite_rows(rows) != [1]:
-        _xfail_known(backend, what, kd_xfail)
     assert _nonfinite_rows(rows) == [1], rows
     rows.sum().backward()
     assert _nonfinite_rows(s.grad) == [1]
