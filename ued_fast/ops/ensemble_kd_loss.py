@@ -26,7 +26,7 @@ from torch import nn
 from .. import _backend
 from ..reference import MIXES, ensemble_kd_loss_reference
 from . import _checks
-from .kd_loss import check_kd_args, reduction_scale
+from .kd_loss import check_kd_args, fake_kd_outputs, reduction_scale, student_grad
 
 OP = "ensemble_kd_loss"
 _MIX_CODE = {name: i for i, name in enumerate(MIXES)}
@@ -123,11 +123,7 @@ def _forward_impl(student, teachers, weights, target, temperature, alpha, t2_sca
 @_ensemble_kd_loss_op.register_fake
 def _(student, teachers, weights, target, temperature, alpha, t2_scale, reduction, ignore_index, mix, backend,
       compute_grad):
-    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    n, c = student.shape
-    loss = student.new_empty((n,) if reduction == "none" else (), dtype=loss_dtype)
-    grad = student.new_empty((n, c) if compute_grad else (0,))
-    return loss, grad, student.new_empty((), dtype=loss_dtype)
+    return fake_kd_outputs(student, reduction, compute_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -137,17 +133,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad, scale)
 
 
-def _student_grad(grad, scale, grad_loss, reduction):
-    if grad.numel() == 0:
-        raise RuntimeError(f"{OP}: the student gradient was not computed in the forward pass")
-    if reduction == "none":
-        return grad * grad_loss.to(grad.dtype)[:, None]
-    return grad * (grad_loss * scale)  # 0-d factor: one multiply, in the grad's dtype
-
-
 def _backward(ctx, grad_loss, _grad_grad, _grad_scale):
     grad, scale = ctx.saved_tensors
-    grad_student = _student_grad(grad, scale, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
+    grad_student = student_grad(OP, grad, scale, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
     return (grad_student, [None] * ctx.num_teachers) + (None,) * 10
 
 
@@ -170,7 +158,7 @@ class _EagerEnsembleKDLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad, scale = ctx.saved_tensors
-        grad_student = _student_grad(grad, scale, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
+        grad_student = student_grad(OP, grad, scale, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
         return (grad_student,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 

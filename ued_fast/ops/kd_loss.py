@@ -65,14 +65,19 @@ def _kd_loss_op(
     return loss, grad, scale
 
 
-@_kd_loss_op.register_fake
-def _(student, teacher, target, temperature, alpha, t2_scale, reduction, ignore_index, teacher_kind,
-      backend, compute_grad):
+def fake_kd_outputs(student: torch.Tensor, reduction: str, compute_grad: bool):
+    """Shapes and dtypes of (loss, grad, scale), the outputs of every KD custom op."""
     loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     n, c = student.shape
     loss = student.new_empty((n,) if reduction == "none" else (), dtype=loss_dtype)
     grad = student.new_empty((n, c) if compute_grad else (0,))
     return loss, grad, student.new_empty((), dtype=loss_dtype)
+
+
+@_kd_loss_op.register_fake
+def _(student, teacher, target, temperature, alpha, t2_scale, reduction, ignore_index, teacher_kind,
+      backend, compute_grad):
+    return fake_kd_outputs(student, reduction, compute_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -81,14 +86,18 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad, scale)
 
 
+def student_grad(op: str, grad, scale, grad_loss, reduction: str) -> torch.Tensor:
+    """The student gradient from the one the kernel made in the forward pass: one multiply."""
+    if grad.numel() == 0:
+        raise RuntimeError(f"{op}: the student gradient was not computed in the forward pass")
+    if reduction == "none":
+        return grad * grad_loss.to(grad.dtype)[:, None]
+    return grad * (grad_loss * scale)  # 0-d factor: one multiply, in the grad's dtype
+
+
 def _backward(ctx, grad_loss, _grad_grad, _grad_scale):
     grad, scale = ctx.saved_tensors
-    if grad.numel() == 0 and ctx.needs_input_grad[0]:
-        raise RuntimeError("kd_loss: the student gradient was not computed in the forward pass")
-    if ctx.reduction == "none":
-        grad_student = grad * grad_loss.to(grad.dtype)[:, None]
-    else:
-        grad_student = grad * (grad_loss * scale)  # 0-d factor: one multiply, in the grad's dtype
+    grad_student = student_grad(OP, grad, scale, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
     return (grad_student,) + (None,) * 10
 
 
