@@ -311,11 +311,8 @@ kd_loss_warp_kernel(const KdParams p) {
 }
 
 // ---- block per row: online softmax over VEC-wide chunks, then a gradient pass ----
-template <int NT>
-__device__ __forceinline__ void block_reduce(RowStats st, float k_a, float k_b, bool with_ce, RowStats& total) {
-  constexpr int kWarps = NT / 32;
-  __shared__ RowStats partial[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// Butterfly all-reduce of a warp's row statistics: every lane ends with the merged stats.
+__device__ __forceinline__ RowStats warp_allreduce(RowStats st, float k_a, float k_b, bool with_ce) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     RowStats o;
@@ -327,21 +324,20 @@ __device__ __forceinline__ void block_reduce(RowStats st, float k_a, float k_b, 
     o.z_s = __shfl_xor_sync(0xffffffffu, st.z_s, off);
     st = merge(st, o, k_a, k_b, with_ce);
   }
+  return st;
+}
+
+template <int NT>
+__device__ __forceinline__ void block_reduce(RowStats st, float k_a, float k_b, bool with_ce, RowStats& total) {
+  constexpr int kWarps = NT / 32;
+  __shared__ RowStats partial[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  st = warp_allreduce(st, k_a, k_b, with_ce);
   if (lane == 0) partial[warp] = st;
   __syncthreads();
   if (warp == 0) {
     st = lane < kWarps ? partial[lane] : empty_stats();
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      RowStats o;
-      o.m_u = __shfl_xor_sync(0xffffffffu, st.m_u, off);
-      o.z_a = __shfl_xor_sync(0xffffffffu, st.z_a, off);
-      o.w = __shfl_xor_sync(0xffffffffu, st.w, off);
-      o.m_s = __shfl_xor_sync(0xffffffffu, st.m_s, off);
-      o.z_b = __shfl_xor_sync(0xffffffffu, st.z_b, off);
-      o.z_s = __shfl_xor_sync(0xffffffffu, st.z_s, off);
-      st = merge(st, o, k_a, k_b, with_ce);
-    }
+    st = warp_allreduce(st, k_a, k_b, with_ce);
     if (lane == 0) total = st;
   }
   __syncthreads();
