@@ -50,8 +50,8 @@ def tiny_model(splits, arch=TINY):
     return build_model("teacher_s", splits.num_classes, splits.in_channels, splits.image_size, **arch)
 
 
-def fit_tiny(splits, run_dir, *, epochs=1, arch=TINY, seed=0, **opts):
-    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=0.1)
+def fit_tiny(splits, run_dir, *, epochs=1, arch=TINY, seed=0, lr=0.1, **opts):
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr)
     return train_teacher(tiny_model(splits, arch), splits, cfg, A.AugmentConfig(),
                          RunOptions(run_dir=run_dir, quiet=True, seed=seed, **opts))
 
@@ -80,6 +80,7 @@ def test_fit_records_its_settings_and_provenance(splits, tmp_path):
 @pytest.mark.parametrize("change, keys", [
     ({"epochs": 2}, ["train.epochs: 1 -> 2", "cannot be extended"]),
     ({"seed": 3}, ["seed: 0 -> 3"]),
+    ({"epochs": 1, "lr": 0.2}, ["train.lr: 0.1 -> 0.2"]),
     ({"arch": {"widths": [8, 8], "depths": [1, 1]}}, ["params:"]),
     ({"config": {"kd": {"alpha": 0.1}}}, ['kd.alpha: "<absent>" -> 0.1']),
 ])
@@ -90,6 +91,7 @@ def test_resume_with_other_settings_is_refused_naming_them(splits, tmp_path, cha
         fit_tiny(splits, tmp_path, resume=True, **change)
     message = str(info.value)
     assert len(message.splitlines()) == 1
+    assert ("cannot be extended" in message) == (change.get("epochs", 1) > 1)  # only where it applies
     for key in keys:
         assert key in message, (key, message)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before  # untouched

@@ -132,6 +132,13 @@ def config_differences(old: dict, new: dict) -> list[str]:
             for key in sorted(a.keys() | b.keys()) if a.get(key, _ABSENT) != b.get(key, _ABSENT)]
 
 
+def _more_epochs(old: dict, new: dict) -> bool:
+    """Does `new` ask for more epochs than `old` under any key named epochs (train.epochs, ...)?"""
+    a, b = _flatten(_plain(old)), _flatten(_plain(new))
+    return any(key.split(".")[-1] == "epochs" and isinstance(a.get(key), int) and isinstance(b.get(key), int)
+               and b[key] > a[key] for key in b)
+
+
 def read_run_config(run_dir) -> dict | None:
     """The settings a run folder recorded (the 'config' of its config.json), or None."""
     path = Path(run_dir) / RUN_CONFIG_NAME
@@ -174,7 +181,7 @@ def prepare_run_dir(run_dir, config: dict, *, resume: bool, overwrite: bool, out
             diffs = config_differences(saved, config)
             if diffs:
                 hint = ""
-                if any(d.split(":")[0].split(".")[-1] == "epochs" for d in diffs):
+                if _more_epochs(saved, config):
                     hint = (" (a run cannot be extended by more epochs: its learning rate already decays to 0 at "
                             "its last epoch)")
                 raise ValueError(f"--resume: {str(run_dir)!r} was run with other settings: {'; '.join(diffs)}{hint}; "
