@@ -286,6 +286,10 @@ def test_cli_resume_refusals_and_overwrite(teacher_dir, tmp_path):
     err = one_error_line(invoke(*base[:5], "--model-arg", "widths=[8, 8]", "--model-arg", "depths=[1, 1]", *base[9:],
                                 "--epochs", "1", "--resume"))
     assert "model.widths: [4, 8] -> [8, 8]" in err
+    # Another dataset is refused before its data is loaded (there is none under this --data-dir).
+    err = one_error_line(invoke("--data-dir", tmp_path / "no-data", *base[:2], "mnist", *base[3:], "--epochs", "1",
+                                "--resume"))
+    assert 'dataset: "digits" -> "mnist"' in err
     err = one_error_line(invoke(*base, "--epochs", "1"))
     assert "already holds" in err and "--overwrite" in err
     assert invoke(*base, "--epochs", "2", "--overwrite").exit_code == 0

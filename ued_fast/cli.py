@@ -234,9 +234,9 @@ def _resolve_teacher(name: Optional[str], checkpoint: Path, args: Optional[List[
 def _single_run(kind, dataset, model, model_args, out, epochs, batch_size, lr, seed, val_fraction, train_subset,
                 resume, overwrite, data_dir, device, quiet, deterministic, teacher=None, temperature=4.0, alpha=0.9):
     from .augment import AugmentConfig
-    from .checkpoint import load_checkpoint, save_json
+    from .checkpoint import load_checkpoint, prepare_run_dir, read_run_config, save_json
     from .experiment import DEFAULTS, ConfigError, _build, _model_spec
-    from .train import (RESULT_NAME, RunOptions, dataset_root, TrainConfig, distill, load_splits, resolve_device,
+    from .train import (RESULT_NAME, RUN_OUTPUTS, RunOptions, dataset_root, TrainConfig, distill, load_splits, resolve_device,
                         seed_everything, set_deterministic, train_teacher)
 
     def go():
@@ -260,6 +260,10 @@ def _single_run(kind, dataset, model, model_args, out, epochs, batch_size, lr, s
             t_result = t["result"] or {}
             result_extra.update(temperature=temperature, alpha=alpha, teacher={
                 **config["teacher"], "val_acc": t_result.get("val_acc"), "test_acc": t_result.get("test_acc")})
+        # Refuse a resume with other settings, or a fresh run over an earlier one, before loading the
+        # data: the keys known here are checked now, all of them again in fit.
+        prepare_run_dir(out, {**(read_run_config(out) or {}), **config}, resume=resume, overwrite=overwrite,
+                        outputs=RUN_OUTPUTS, write=False)
         from . import distributed
 
         # Under torchrun: join the process group; each process takes its own device.
