@@ -16,9 +16,11 @@ entropy_vs_student.png, and runs/seed<s>/<kind>/<name>/ (checkpoint.pt, log.json
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import subprocess
 import time
@@ -30,9 +32,9 @@ import torch
 import yaml
 
 from .augment import AugmentConfig
-from .checkpoint import atomic_write, load_checkpoint, save_json
+from .checkpoint import atomic_write, load_checkpoint, prepare_run_dir, read_run_config, save_json
 from .train import (CHECKPOINT_NAME, dataset_root, RunOptions, TrainConfig, distill, load_splits, resolve_device,
-                    seed_everything, set_deterministic, soft_target_entropy, train_teacher)
+                    run_provenance, seed_everything, set_deterministic, soft_target_entropy, train_teacher)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -230,6 +232,19 @@ def _build(spec: dict, splits, extra: dict | None = None):
 
 # --- Provenance -----------------------------------------------------------------------------------
 
+# How a run is executed, not what it computes: these may change between a run and its --resume.
+RUNTIME_KEYS = ("data_dir", "device", "deterministic", "num_threads", "quiet")
+
+
+def experiment_settings(cfg: dict) -> dict:
+    """The settings an experiment folder records and --resume compares (cfg less RUNTIME_KEYS and
+    kd.backend: every kd backend agrees with the fp64 reference)."""
+    out = {k: v for k, v in cfg.items() if k not in RUNTIME_KEYS}
+    out["kd"] = {k: v for k, v in cfg["kd"].items() if k != "backend"}
+    return out
+
+
+@functools.lru_cache(maxsize=None)  # once per process: every run folder records it
 def git_commit() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -246,7 +261,10 @@ def git_commit() -> str | None:
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "cuda": torch.version.cuda}
-    for pkg in ("ued_fast", "triton"):
+    from . import __version__
+
+    out["ued_fast"] = __version__
+    for pkg in ("triton",):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -257,19 +275,42 @@ def versions() -> dict:
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return (f"cpu ({_cpu_name()}, {os.cpu_count()} cores; torch uses {threads} thread{'s' if threads != 1 else ''})")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # --- Running --------------------------------------------------------------------------------------
 
-def run_experiment(cfg: dict, out_dir, *, resume: bool = False) -> dict:
-    """Run every row for every seed; write results.json, results.md and the plots into out_dir."""
+def _recorded_settings(out_dir: Path) -> dict | None:
+    """The settings in results.json, for folders written before config.json was."""
+    try:
+        return experiment_settings(json.loads((out_dir / "results.json").read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run every row for every seed; write results.json, results.md and the plots into out_dir.
+    resume: keep finished runs, continue interrupted ones (refused if the settings differ from the
+    folder's config.json); overwrite: a fresh run may replace the results of an earlier one."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg["device"])
     set_deterministic(bool(cfg["deterministic"]))
     if cfg["num_threads"] is not None:
         torch.set_num_threads(cfg["num_threads"])
+    prepare_run_dir(out_dir, experiment_settings(cfg), resume=resume, overwrite=overwrite,
+                    outputs=("results.json", "results.md", "runs"), recorded=_recorded_settings(out_dir),
+                    provenance=run_provenance(device, 1, bool(cfg["deterministic"])))
     student_cfg = TrainConfig(**cfg["train"])
     teacher_cfg = TrainConfig(**{**cfg["train"], **cfg["teacher_train"]})
     augment = AugmentConfig(**cfg["augment"])
@@ -283,13 +324,16 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False) -> dict:
                              train_subset=cfg["train_subset"])
         seed_dir = out_dir / "runs" / f"seed{seed}"
 
-        def opts(kind, name):
+        def opts(kind, name, config=None):
+            config = {"dataset": cfg["dataset"], "val_fraction": cfg["val_fraction"],
+                      "train_subset": cfg["train_subset"], "kind": kind, "name": name, **(config or {})}
             return RunOptions(device=device, seed=seed, deterministic=cfg["deterministic"], quiet=cfg["quiet"],
-                              run_dir=seed_dir / kind / name, resume=resume, desc=f"seed {seed} {kind} {name}")
+                              run_dir=seed_dir / kind / name, resume=resume, desc=f"seed {seed} {kind} {name}",
+                              config=config, overwrite=overwrite)
 
-        def run(kind, name, build, train_fn, extra=None):
+        def run(kind, name, build, train_fn, extra=None, config=None):
             """Train (or, on resume, reload a finished run); returns (result dict, trained model)."""
-            o = opts(kind, name)
+            o = opts(kind, name, config)
             seed_everything(seed)
             model = build()
             done = o.run_dir / "result.json"
@@ -311,10 +355,15 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False) -> dict:
                                kd_backend=kd_backend)
 
             extra = {"row": row}
+            config = {"model": cfg["student"]}
             if teacher_result is not None:
                 extra.update({"teacher": teacher_result["name"], "teacher_test_acc": teacher_result["test_acc"],
                               "teacher_entropy": teacher_result["entropy"], "teacher_params": teacher_result["params"]})
-            result, _ = run("student", row, lambda: _build(cfg["student"], splits), train_fn, extra)
+                t_dir = seed_dir / "teacher" / teacher_result["name"]
+                config.update(kd={"temperature": T, "alpha": alpha}, teacher={
+                    "label": teacher_result["name"], "run": str(t_dir.relative_to(out_dir)),
+                    "model": (read_run_config(t_dir) or {}).get("model")})
+            result, _ = run("student", row, lambda: _build(cfg["student"], splits), train_fn, extra, config)
             runs.append(result)
 
         def teacher_run(name, spec, extra_kwargs=None):
@@ -324,7 +373,8 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False) -> dict:
                 r["model"] = spec["name"]
                 return r
 
-            result, model = run("teacher", name, lambda: _build(spec, splits, extra_kwargs), train_fn)
+            result, model = run("teacher", name, lambda: _build(spec, splits, extra_kwargs), train_fn,
+                                config={"model": {**(extra_kwargs or {}), **spec}, "entropy_temperature": T})
             runs.append(result)
             return result, model
 
@@ -474,7 +524,9 @@ def plot_results(results: dict, out_dir: Path) -> list[Path]:
         curves = [r["log"] for r in results["runs"] if r["kind"] == "student" and r["name"] == row]
         n = min(len(c) for c in curves)
         val = np.mean([[e["val_acc"] for e in c[:n]] for c in curves], axis=0)
-        ax.plot(range(1, n + 1), 100 * val, label=row, linestyle="-" if row in ROW_TITLES else ":")
+        # Markers: a 1-epoch run is a single point, which a line alone does not draw.
+        ax.plot(range(1, n + 1), 100 * val, label=row, linestyle="-" if row in ROW_TITLES else ":", marker="o",
+                markersize=3)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("student learning curves (mean over seeds)")

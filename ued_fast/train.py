@@ -29,10 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import AugmentConfig, Augmenter, batch_slices, epoch_permutation, make_generator
-from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import atomic_write, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
+RESULT_NAME = "result.json"  # written by the callers of fit (the CLI, the experiment)
+RUN_OUTPUTS = (CHECKPOINT_NAME, LOG_NAME, RESULT_NAME)
+SCHEDULE = "warmup-linear-decay"  # WarmupLinearDecay, recorded in every run's config
 
 
 class Interrupted(Exception):
@@ -79,9 +82,13 @@ class RunOptions:
     seed: int = 0
     deterministic: bool = False
     quiet: bool = False
-    run_dir: Path | None = None  # checkpoint and log.jsonl go here (None: neither)
+    run_dir: Path | None = None  # checkpoint, log.jsonl and config.json go here (None: none of them)
     resume: bool = False
     desc: str = "train"
+    # What the caller knows of the run (dataset, model and its args, teacher, T, alpha, ...): recorded
+    # in config.json with what fit knows (seed, train and augment settings); resume needs it equal.
+    config: dict | None = None
+    overwrite: bool = False  # a fresh run may replace an earlier run's files in run_dir
 
 
 @dataclass
@@ -248,7 +255,39 @@ def _prep_images(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+    """A tqdm bar when both streams are terminals; otherwise plain per-epoch lines (`_progress_line`)."""
+    return not quiet and sys.stderr.isatty() and sys.stdout.isatty()
+
+
+def _print_progress_lines(quiet: bool) -> bool:
+    return not quiet and not _show_progress(quiet)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _progress_line(desc: str, entry: dict, epochs: int, session_seconds: list[float], elapsed: float) -> str:
+    """One line per finished epoch, for logs and pipes; ETA from this process's epoch times."""
+    eta = (epochs - entry["epoch"]) * sum(session_seconds) / max(len(session_seconds), 1)
+    return (f"{desc}: epoch {entry['epoch']}/{epochs}  loss {entry['loss']:.4f}  val acc {100 * entry['val_acc']:.2f}%"
+            f"  elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
+
+
+def run_provenance(device: torch.device, world: int, deterministic: bool) -> dict:
+    """Where and by what a run was made (recorded in config.json, never compared on resume)."""
+    import datetime
+    import platform
+
+    import ued_fast
+    from .experiment import device_description, git_commit
+
+    return {"ued_fast": ued_fast.__version__, "git_commit": git_commit(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": device_description(device), "processes": world,
+            "deterministic": deterministic, "command": sys.argv,
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 class _SigintFlag:
@@ -347,13 +386,26 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConf
     epoch, step, perm, log = 0, 0, None, []
     loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
     ckpt_path = opts.run_dir / CHECKPOINT_NAME if opts.run_dir is not None else None
+    if opts.run_dir is not None:
+        # Every rank checks the folder before rank 0 writes to it.
+        run_config = {"dataset": splits.name, **(opts.config or {}), "seed": opts.seed, "train": asdict(cfg),
+                      "schedule": SCHEDULE, "augment": asdict(augment),
+                      "data_sizes": [int(t.shape[0]) for t in (splits.train_x, splits.val_x, splits.test_x)],
+                      "params": sum(p.numel() for p in model.parameters())}
+        prepare_run_dir(opts.run_dir, run_config, resume=opts.resume, overwrite=opts.overwrite, outputs=RUN_OUTPUTS,
+                        provenance=run_provenance(device, world, opts.deterministic) if writer else None, write=writer)
+        if world > 1:
+            distributed.barrier()
     if opts.resume and ckpt_path is not None and ckpt_path.exists():
         try:
             state = load_checkpoint(ckpt_path)
         except Exception as e:  # not a checkpoint this package wrote (it never leaves a torn one)
             raise ValueError(f"--resume: {str(ckpt_path)!r} is not a readable checkpoint "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(f"--resume: {str(ckpt_path)!r} does not fit this model: {str(e).splitlines()[0]}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], gen)
@@ -379,6 +431,8 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConf
 
     from tqdm.auto import tqdm
 
+    lines = rank == 0 and _print_progress_lines(opts.quiet)
+    session_seconds: list[float] = []  # epochs trained by this process: the ETA's pace
     bar = tqdm(total=cfg.epochs * len(slices), initial=epoch * len(slices) + step, desc=opts.desc,
                disable=not _show_progress(opts.quiet), leave=False, dynamic_ncols=True)
     with _SigintFlag() as sigint, bar:
@@ -435,6 +489,10 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConf
                 "val_acc": val_acc, "lr": scheduler.get_last_lr()[0], "seconds": epoch_seconds,
             })
             bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", val=f"{val_acc:.3f}")
+            session_seconds.append(time.perf_counter() - start)
+            if lines:
+                print(_progress_line(opts.desc, log[-1], cfg.epochs, session_seconds,
+                                     sum(e["seconds"] for e in log)), flush=True)
             epoch, step, perm = epoch + 1, 0, None
             loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
             checkpoint()
