@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
-TEACHER_KINDS = ("logits", "log_probs", "probs")
+# How a teacher is given. 'logits', 'log_probs' and 'probs' are tempered by the op (softmax(t / T));
+# 'tempered_probs' and 'tempered_log_probs' are soft targets already at temperature T (e.g. cached
+# softmax(t / T)), used as they are.
+TEACHER_KINDS = ("logits", "log_probs", "probs", "tempered_probs", "tempered_log_probs")
 MIXES = ("prob", "logit")
 HEAD_MODES = ("logit_mean", "prob_mean")
 
@@ -61,11 +64,18 @@ def _kd_rows(
     return torch.where(valid, rows, torch.zeros_like(rows)), valid
 
 
+def teacher_scores(teacher: torch.Tensor, temperature: float, teacher_kind: str) -> tuple[torch.Tensor, float]:
+    """(scores, t) with the teacher's tempered distribution = softmax(scores / t): t = T for the kinds the op
+    tempers, t = 1 for the already-tempered ones. Scores are log-space (log of probabilities, 0 -> -inf)."""
+    scores = torch.log(teacher) if teacher_kind in ("probs", "tempered_probs") else teacher
+    return scores, (1.0 if teacher_kind.startswith("tempered_") else temperature)
+
+
 def teacher_log_probs(teacher: torch.Tensor, temperature: float, teacher_kind: str) -> torch.Tensor:
-    """log softmax(t / T) for logits and log-probs, log softmax(log(t) / T) for probs (0 stays 0)."""
-    if teacher_kind == "probs":
-        return F.log_softmax(torch.log(teacher) / temperature, dim=-1)
-    return F.log_softmax(teacher / temperature, dim=-1)
+    """log softmax(t / T) for logits and log-probs, log softmax(log(t) / T) for probs (0 stays 0);
+    log of the (renormalized) given distribution for the tempered kinds."""
+    scores, t = teacher_scores(teacher, temperature, teacher_kind)
+    return F.log_softmax(scores / t, dim=-1)
 
 
 def kd_loss_reference(
@@ -81,6 +91,8 @@ def kd_loss_reference(
     teacher_kind: str = "logits",
 ) -> torch.Tensor:
     """DESIGN 2.1. loss = alpha*s2*KL(p || softmax(s/T)) + (1-alpha)*CE(s, y) per row, s2 = T^2 if t2_scale.
+
+    p is the teacher's tempered distribution (see teacher_log_probs and TEACHER_KINDS).
 
     With target None a row's loss is s2*KL and alpha is unused. Rows whose target is ignore_index
     count nowhere. The loss is float32 (float64 for float64 input); the teacher is a constant.
@@ -105,7 +117,8 @@ def normalize_ensemble_weights(weights: torch.Tensor | None, k: int, n: int, dev
 def ensemble_log_probs(
     teachers: torch.Tensor, weights: torch.Tensor, temperature: float, mix: str
 ) -> torch.Tensor:
-    """teachers [K, N, C] logits, weights [K, N] normalized -> log of the mixture distribution [N, C]."""
+    """teachers [K, N, C] logits (or log-space scores), weights [K, N] normalized -> log of the mixture
+    distribution [N, C], each teacher tempered by `temperature`."""
     if mix == "prob":
         # log sum_k w_k softmax(t_k/T), in log space so that tiny probabilities keep their precision.
         log_pk = F.log_softmax(teachers / temperature, dim=-1)
@@ -127,18 +140,21 @@ def ensemble_kd_loss_reference(
     t2_scale: bool = True,
     reduction: str = "batchmean",
     ignore_index: int = -100,
+    teacher_kind: str = "logits",
 ) -> torch.Tensor:
-    """DESIGN 2.2. kd_loss against the mixture of K teachers (logits).
+    """DESIGN 2.2. kd_loss against the mixture of K teachers, each given as `teacher_kind` (as in kd_loss).
 
-    mix='prob': p = sum_k w_k softmax(t_k/T); mix='logit': p = softmax(sum_k w_k t_k / T).
-    weights None (uniform), [K] or [K, N]; normalized over K.
+    With p_k the tempered distribution of teacher k (softmax(t_k/T) for logits and log-probs,
+    softmax(log(t_k)/T) for probs, the given distribution for the tempered kinds) and s_k its log:
+    mix='prob': p = sum_k w_k p_k; mix='logit': p = softmax(sum_k w_k s_k) (for logits that is
+    softmax(sum_k w_k t_k / T)). weights None (uniform), [K] or [K, N]; normalized over K.
     """
     cd = compute_dtype(student.dtype)
     t = teachers if isinstance(teachers, torch.Tensor) else torch.stack(list(teachers))
-    t = t.detach().to(cd)
+    scores, t_apply = teacher_scores(t.detach().to(cd), temperature, teacher_kind)
     k, n = t.shape[0], t.shape[1]
     w = normalize_ensemble_weights(weights, k, n, t.device, cd)
-    log_p = ensemble_log_probs(t, w, temperature, mix)
+    log_p = ensemble_log_probs(scores, w, t_apply, mix)
     rows, valid = _kd_rows(student.to(cd), log_p, target, temperature, alpha, t2_scale, ignore_index)
     return _reduce(rows, valid, student.shape[-1], reduction)
 
