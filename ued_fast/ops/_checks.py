@@ -127,23 +127,25 @@ def reset_warnings() -> None:
     _warned.clear()
 
 
-def _row_sample(x: torch.Tensor) -> torch.Tensor:
-    return x.detach()[..., :GUARD_ROWS, :].double()
-
-
 def _tolerance(x: torch.Tensor) -> float:
     # Rounding each probability to the input dtype moves a row sum by at most eps/2.
     return 2 * torch.finfo(x.dtype).eps + 1e-4
 
 
 def looks_like_probs(x: torch.Tensor) -> bool:
-    rows = _row_sample(x)
-    return bool((rows.min() >= 0) & ((rows.sum(-1) - 1).abs().max() <= _tolerance(x)))
+    """The first GUARD_ROWS rows are >= 0 and sum to 1. Logits fail the first, cheaper test."""
+    rows = x.detach()[..., :GUARD_ROWS, :]
+    if not bool(rows.min() >= 0):
+        return False
+    return bool((rows.double().sum(-1) - 1).abs().max() <= _tolerance(x))
 
 
 def looks_like_log_probs(x: torch.Tensor) -> bool:
-    rows = _row_sample(x)
-    return bool((rows.max() <= 0) & (torch.logsumexp(rows, -1).abs().max() <= _tolerance(x)))
+    """The first GUARD_ROWS rows are <= 0 with logsumexp 0. Logits fail the first, cheaper test."""
+    rows = x.detach()[..., :GUARD_ROWS, :]
+    if not bool(rows.max() <= 0):
+        return False
+    return bool(torch.logsumexp(rows.double(), -1).abs().max() <= _tolerance(x))
 
 
 def guard_kd_inputs(op: str, student: torch.Tensor, teacher: torch.Tensor, teacher_kind: str,
