@@ -39,15 +39,15 @@ def _second_order(fn, inputs, out_shape, seed=0):
     of fn at `inputs` with a non-trivial grad_output that itself requires grad."""
     g = _gen(seed)
     inputs = [x.detach().clone().requires_grad_() for x in inputs]
-    grad_out = (torch.rand(out_shape, generator=g, dtype=torch.float64) + 0.5).to(inputs[0].dtype)
+    grad_out = (torch.rand(out_shape, generator=g, dtype=torch.float64) + 0.5).to(inputs[0])
     grad_out.requires_grad_()
     out = fn(*inputs)
     firsts = torch.autograd.grad(out, inputs, grad_out.to(out.dtype), create_graph=True)
-    vs = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype) for x in inputs]
+    vs = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(x) for x in inputs]
     inner = sum((f * v).sum() for f, v in zip(firsts, vs))
     seconds = torch.autograd.grad(inner, inputs + [grad_out], allow_unused=True)
-    return [f.detach().double() for f in firsts], [
-        torch.zeros(x.shape, dtype=torch.float64) if s is None else s.double()
+    return [f.detach().double().cpu() for f in firsts], [
+        torch.zeros(x.shape, dtype=torch.float64) if s is None else s.double().cpu()
         for s, x in zip(seconds, inputs + [grad_out])]
 
 
@@ -73,7 +73,8 @@ def test_kd_loss_double_backward_matches_reference(backend, device, with_target,
     y = y if with_target else None
     kw = dict(temperature=2.0, alpha=0.7, reduction=reduction)
     shape = (N,) if reduction == "none" else ()
-    got = _second_order(lambda x: ued_fast.kd_loss(x, t, y, backend=backend, **kw), [s], shape)
+    t_dev, y_dev = t.to(device), None if y is None else y.to(device)
+    got = _second_order(lambda x: ued_fast.kd_loss(x, t_dev, y_dev, backend=backend, **kw), [s.to(device)], shape)
     want = _second_order(lambda x: ued_fast.kd_loss_reference(x, t.double(), y, **kw), [s.double()], shape)
     assert want[1][0].abs().max() > 1e-3  # the check has something to compare: the Hessian is not 0
     _assert_same(got[0] + got[1], want[0] + want[1], dtype, f"kd_loss {backend}")
@@ -91,8 +92,9 @@ def test_ensemble_kd_loss_double_backward_matches_reference(backend, device, mix
     w = torch.rand(K, N, generator=g, dtype=torch.float64) + 0.1
     y = torch.tensor([0, 3, -100, 6, 2, 1])
     kw = dict(mix=mix, temperature=1.5, alpha=0.6, teacher_kind=teacher_kind)
-    got = _second_order(lambda x: ued_fast.ensemble_kd_loss(x, teachers, y, weights=w.to(dtype), backend=backend,
-                                                            **kw), [s], ())
+    t_dev, y_dev, w_dev = teachers.to(device), y.to(device), w.to(dtype).to(device)
+    got = _second_order(lambda x: ued_fast.ensemble_kd_loss(x, t_dev, y_dev, weights=w_dev, backend=backend, **kw),
+                        [s.to(device)], ())
     want = _second_order(lambda x: ued_fast.ensemble_kd_loss_reference(x, teachers.double(), w, y, **kw),
                          [s.double()], ())
     assert want[1][0].abs().max() > 1e-3
@@ -121,7 +123,8 @@ def _heads_inputs(dtype, mode, seed=3):
 def test_grouped_heads_double_backward_matches_reference(backend, device, mode):
     dtype = _dtype(backend)
     inputs = _heads_inputs(dtype, mode)
-    got = _second_order(lambda *a: ued_fast.grouped_heads(*a, COVER, mode=mode, backend=backend), inputs, (N, C))
+    got = _second_order(lambda *a: ued_fast.grouped_heads(*a, COVER, mode=mode, backend=backend),
+                        [x.to(device) for x in inputs], (N, C))
     want = _second_order(lambda *a: ued_fast.grouped_heads_reference(*a, COVER, mode=mode),
                          [x.double() for x in inputs], (N, C))
     assert want[1][1].abs().max() > 1e-3  # d/dweight of <d out/d features, v>: a cross term
@@ -133,15 +136,16 @@ def test_grouped_heads_double_backward_for_some_inputs_only(backend, device):
     """Only the weight needs a gradient: the others get None, the weight's is still differentiable."""
     dtype = _dtype(backend)
     features, weight, bias = _heads_inputs(dtype, "prob_mean")
-    weight.requires_grad_()
-    out = ued_fast.grouped_heads(features, weight, bias, COVER, mode="prob_mean", backend=backend)
-    (gw,) = torch.autograd.grad((out * out).sum(), weight, create_graph=True)
-    (hw,) = torch.autograd.grad(gw.sum(), weight)
-    w64 = weight.detach().double().requires_grad_()
+    weight_dev = weight.to(device).requires_grad_()
+    out = ued_fast.grouped_heads(features.to(device), weight_dev, bias.to(device), COVER, mode="prob_mean",
+                                 backend=backend)
+    (gw,) = torch.autograd.grad((out * out).sum(), weight_dev, create_graph=True)
+    (hw,) = torch.autograd.grad(gw.sum(), weight_dev)
+    w64 = weight.double().requires_grad_()
     ref = ued_fast.grouped_heads_reference(features.double(), w64, bias.double(), COVER, mode="prob_mean")
     (gw_ref,) = torch.autograd.grad((ref * ref).sum(), w64, create_graph=True)
     (hw_ref,) = torch.autograd.grad(gw_ref.sum(), w64)
-    torch.testing.assert_close(hw.double(), hw_ref, **_tol(dtype))
+    torch.testing.assert_close(hw.double().cpu(), hw_ref, **_tol(dtype))
 
 
 # --- torch.func -----------------------------------------------------------------------------------
@@ -151,8 +155,10 @@ def test_func_grad_and_vmap_kd_ops(backend, device):
     dtype = _dtype(backend)
     s, t, y = _kd_inputs(dtype, seed=4)
     teachers = torch.stack([t, t.flip(0), -t])
-    kd = lambda x: ued_fast.kd_loss(x, t, y, temperature=2.0, backend=backend)
-    ens = lambda x: ued_fast.ensemble_kd_loss(x, teachers, y, temperature=2.0, backend=backend)
+    t_dev, y_dev, teachers_dev = t.to(device), y.to(device), teachers.to(device)
+    kd = lambda x: ued_fast.kd_loss(x.to(device), t_dev, y_dev, temperature=2.0, backend=backend).cpu()
+    ens = lambda x: ued_fast.ensemble_kd_loss(x.to(device), teachers_dev, y_dev, temperature=2.0,
+                                              backend=backend).cpu()
     kd_ref = lambda x: ued_fast.kd_loss_reference(x, t.double(), y, temperature=2.0)
     ens_ref = lambda x: ued_fast.ensemble_kd_loss_reference(x, teachers.double(), None, y, temperature=2.0)
     for fn, ref in ((kd, kd_ref), (ens, ens_ref)):
@@ -168,7 +174,9 @@ def test_func_grad_and_vmap_kd_ops(backend, device):
 def test_func_jacrev_and_vmap_grouped_heads(backend, device):
     dtype = _dtype(backend)
     features, weight, bias = _heads_inputs(dtype, "prob_mean")
-    fn = lambda f: ued_fast.grouped_heads(f, weight, bias, COVER, mode="prob_mean", backend=backend)
+    weight_dev, bias_dev = weight.to(device), bias.to(device)
+    fn = lambda f: ued_fast.grouped_heads(f.to(device), weight_dev, bias_dev, COVER, mode="prob_mean",
+                                          backend=backend).cpu()
     ref = lambda f: ued_fast.grouped_heads_reference(f, weight.double(), bias.double(), COVER, mode="prob_mean")
     torch.testing.assert_close(torch.func.jacrev(fn)(features).double(), torch.func.jacrev(ref)(features.double()),
                                **_tol(dtype))
