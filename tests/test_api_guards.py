@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ued_fast
 from ued_fast.ops import _checks
@@ -37,6 +38,19 @@ def _logits(*shape, seed=0, scale=2.0):
 
 # --- no host synchronization, no host-to-device copy per call -----------------------------------------
 
+class _NoHostData(TorchDispatchMode):
+    """Fails on a tensor built from Python data (aten.lift_fresh: torch.tensor, as_tensor, indexing with a
+    list) or a value read back to Python (aten._local_scalar_dense: item(), bool()) in any aten op it sees.
+    A custom op's insides run below the mode: the monkeypatches of _forbid_host_round_trips cover those."""
+
+    FORBIDDEN = ("aten::lift_fresh", "aten::lift_fresh_copy", "aten::_local_scalar_dense")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.FORBIDDEN:
+            raise AssertionError(f"{func._schema.name} on the op's hot path")
+        return func(*args, **(kwargs or {}))
+
+
 def _forbid_host_round_trips(monkeypatch):
     """Make every Python-level way of building a tensor from host numbers or reading a value fail."""
     def forbidden(name):
@@ -48,6 +62,7 @@ def _forbid_host_round_trips(monkeypatch):
         monkeypatch.setattr(torch, name, forbidden(f"torch.{name}"))
     for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden(f"Tensor.{name}"))
+    return _NoHostData()
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -60,12 +75,12 @@ def test_kd_ops_make_no_host_round_trip(backend, device, reduction, monkeypatch,
     s = _logits(8, 5, seed=1).to(device).requires_grad_()
     t = _logits(8, 5, seed=2).to(device)
     teachers = torch.stack([t, -t])
-    _forbid_host_round_trips(monkeypatch)
-    for loss in (ued_fast.kd_loss(s, t, reduction=reduction, backend=backend),
-                 ued_fast.ensemble_kd_loss(s, teachers, reduction=reduction, backend=backend),
-                 ued_fast.kd_loss(s, t.softmax(-1), reduction=reduction, teacher_kind="tempered_probs",
-                                  backend=backend)):
-        loss.backward(torch.ones_like(loss))
+    with _forbid_host_round_trips(monkeypatch):
+        for loss in (ued_fast.kd_loss(s, t, reduction=reduction, backend=backend),
+                     ued_fast.ensemble_kd_loss(s, teachers, reduction=reduction, backend=backend),
+                     ued_fast.kd_loss(s, t.softmax(-1), reduction=reduction, teacher_kind="tempered_probs",
+                                      backend=backend)):
+            loss.backward(torch.ones_like(loss))
     assert s.grad is not None
 
 
@@ -74,10 +89,12 @@ def test_grouped_heads_makes_no_host_round_trip_after_the_first_call(backend, de
     k, d = len(COVER), 4
     features = _logits(5, k * d).to(device).requires_grad_()
     weight, bias = _logits(k, d, 5, seed=3).to(device), _logits(k, 5, seed=4).to(device)
-    ued_fast.grouped_heads(features, weight, bias, COVER, mode="prob_mean", backend=backend)  # builds the tables
-    _forbid_host_round_trips(monkeypatch)
-    out = ued_fast.grouped_heads(features, weight, bias, COVER, mode="prob_mean", backend=backend)
-    out.sum().backward()
+    for mode in ("logit_mean", "prob_mean"):
+        ued_fast.grouped_heads(features, weight, bias, COVER, mode=mode, backend=backend)  # builds the tables
+    with _forbid_host_round_trips(monkeypatch):
+        for mode in ("logit_mean", "prob_mean"):
+            out = ued_fast.grouped_heads(features, weight, bias, COVER, mode=mode, backend=backend)
+            out.sum().backward()
     assert features.grad is not None
 
 

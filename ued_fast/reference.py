@@ -6,6 +6,7 @@ backend and this file disagree, this file is right.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -159,6 +160,19 @@ def ensemble_kd_loss_reference(
     return _reduce(rows, valid, student.shape[-1], reduction)
 
 
+@functools.lru_cache(maxsize=256)
+def _cover_on_device(cover: tuple[tuple[int, ...], ...], device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The cover's subsets as index tensors on `device` and the number of subsets holding each class
+    (int64 [C]): made once per (cover, device), so a call copies nothing from the host."""
+    num_classes = 1 + max(max(s) for s in cover)
+    counts = [0] * num_classes
+    for subset in cover:
+        for c in subset:
+            counts[c] += 1
+    return ([torch.tensor(s, dtype=torch.int64, device=device) for s in cover],
+            torch.tensor(counts, dtype=torch.int64, device=device))
+
+
 def grouped_heads_reference(
     features: torch.Tensor,
     weight: torch.Tensor,
@@ -181,20 +195,19 @@ def grouped_heads_reference(
     h = features.view(features.shape[0], k, d) if features.dim() == 2 else features.permute(1, 0, 2)
     u = torch.einsum("nkd,kdw->nkw", h.to(cd), weight.to(cd)) + bias.to(cd)  # [N, K, W]
     sizes = [len(s) for s in cover]
-    num_classes = 1 + max(max(s) for s in cover)
-    counts = torch.zeros(num_classes, dtype=cd, device=features.device)
-    for s in cover:
-        counts[list(s)] += 1
+    subsets, class_counts = _cover_on_device(tuple(tuple(int(c) for c in s) for s in cover), features.device)
+    num_classes = class_counts.numel()
+    counts = class_counts.to(cd)
     n = u.shape[0]
     if mode == "logit_mean":
         z = u.new_zeros(n, num_classes)
-        for j, s in enumerate(cover):
-            z = z.index_add(1, torch.as_tensor(list(s), device=u.device), u[:, j, : sizes[j]])
+        for j, subset in enumerate(subsets):
+            z = z.index_add(1, subset, u[:, j, : sizes[j]])
         return (z / counts).to(features.dtype)
     # prob_mean, in log space: log r_c = logsumexp over covering heads of log q_k[c] - log count(c).
     per_class = u.new_full((n, num_classes, k), -math.inf)
-    for j, s in enumerate(cover):
+    for j, subset in enumerate(subsets):
         log_q = F.log_softmax(u[:, j, : sizes[j] + 1], dim=-1)
-        per_class[:, list(s), j] = log_q[:, : sizes[j]]
+        per_class[:, subset, j] = log_q[:, : sizes[j]]
     log_r = torch.logsumexp(per_class, dim=-1) - torch.log(counts)
     return (log_r - torch.logsumexp(log_r, dim=-1, keepdim=True)).to(features.dtype)
