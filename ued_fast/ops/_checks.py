@@ -167,8 +167,11 @@ def guard_kd_inputs(op: str, student: torch.Tensor, teacher: torch.Tensor, teach
         warn_once(f"{op}:bad-log-probs", (
             f"{op}: teacher_kind={teacher_kind!r} but the teacher's rows are not log-probabilities "
             "(logsumexp != 0); pass logits with teacher_kind='logits'"))
-    # log_softmax(s) as the student is harmless at T = 1 (softmax is shift invariant), wrong otherwise.
+    # log_softmax(s) as the student is harmless (softmax is shift invariant); log_softmax(s / T) is
+    # tempered twice. The two look alike, so the warning says both; at T = 1 they are the same.
     if temperature != 1.0 and looks_like_log_probs(student):
         warn_once(f"{op}:log-probs-student", (
-            f"{op}: the student looks like log-probabilities (<= 0, logsumexp 0); pass the raw logits: the op "
-            "applies log_softmax(student / T) itself"))
+            f"{op}: the student looks like log-probabilities (<= 0, logsumexp 0). The op tempers it itself "
+            "(log_softmax(student / T)): if it is log_softmax(s / T), the nn.KLDivLoss habit, it is tempered "
+            "twice; pass the logits s. (log_softmax(s) is harmless; ued_fast.set_input_checks(False) silences "
+            "this.)"))

@@ -12,7 +12,9 @@ Every native backend implements one forward with this contract:
          (0 on ignored rows), or an empty tensor when compute_grad is False.
 Inputs have unit stride along classes and any row stride; teacher and student dtypes may differ.
 The gradient is made in the forward pass (one read of student and teacher); backward is one
-multiply of it by grad_output times the reduction's scale.
+multiply of it by grad_output times the reduction's scale. A backward with create_graph=True
+recomputes the gradient through the reference instead, from the saved student and teacher (saved as
+references, not copies), so that it is differentiable again.
 """
 from __future__ import annotations
 
