@@ -165,6 +165,9 @@ def test_ensemble_kd_loss_weights_in_the_old_third_place(weights):
     _raises(TypeError, ["ensemble_kd_loss", "weights is keyword-only", "target"], ued_fast.ensemble_kd_loss,
             s, T, weights)
     _raises(TypeError, ["ensemble_kd_loss", "weights is keyword-only"], ued_fast.EnsembleKDLoss(), s, T, weights)
+    y = torch.tensor([0, 1, 2, 3])
+    for old_call in ((s, T, weights, y), (s, T, None, y)):
+        _raises(TypeError, ["ensemble_kd_loss", "weights is keyword-only"], ued_fast.ensemble_kd_loss, *old_call)
 
 
 # --- grouped_heads -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ The kernels read each teacher row, form the mixture in registers and never write
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -233,6 +234,20 @@ def _reject_positional_weights(target) -> None:
             "tensor; weights is keyword-only now: call ensemble_kd_loss(student, teachers, target, weights=...)")
 
 
+def _old_signature_hint(fn):
+    """The signature was (student, teachers, weights, target): four positional arguments get an error
+    that says what changed, not only how many arguments Python expected."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if len(args) > 3:
+            raise TypeError(
+                f"{OP}: takes 3 positional arguments (student, teachers, target), got {len(args)}; weights is "
+                "keyword-only now: call ensemble_kd_loss(student, teachers, target, weights=...)")
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@_old_signature_hint
 def ensemble_kd_loss(
     student: torch.Tensor,
     teachers: torch.Tensor | Sequence[torch.Tensor],
