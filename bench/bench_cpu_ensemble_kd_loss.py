@@ -36,7 +36,7 @@ def _loss_fn(impl):
     import ued_fast
 
     if impl == "cpp":
-        return lambda s, t, y: ued_fast.ensemble_kd_loss(s, t, None, y, backend="cpp", **KW)
+        return lambda s, t, y: ued_fast.ensemble_kd_loss(s, t, y, backend="cpp", **KW)
     ref = lambda s, t, y: ued_fast.ensemble_kd_loss_reference(s, t, None, y, **KW)
     return ref if impl == "eager" else torch.compile(ref, dynamic=False)
 

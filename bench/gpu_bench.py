@@ -399,7 +399,7 @@ def bench_ensemble(res: Results, timer: Timer, device, dry_run: bool):
             impls = {}
             for backend in ("cuda", "triton") if not dry_run else ("cuda", "triton", "cpp"):
                 impls[f"ours-{backend}"] = (backend_status(backend, device), grad_of(
-                    lambda b=backend: ued_fast.ensemble_kd_loss(student, teachers, None, target, backend=b, **KD_KW),
+                    lambda b=backend: ued_fast.ensemble_kd_loss(student, teachers, target, backend=b, **KD_KW),
                     student))
             impls["eager"] = (None, grad_of(
                 lambda: ensemble_kd_loss_reference(student, teachers, None, target, **KD_KW), student))

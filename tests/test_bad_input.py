@@ -128,6 +128,7 @@ ENS_BAD = [
     ("weights-zero-column", lambda s, T, w, kw: (s, T, torch.ones(3, 4).index_fill(1, torch.tensor([2]), 0.0), kw),
      ValueError, ["weights"]),
     ("mix", lambda s, T, w, kw: (s, T, w, {**kw, "mix": "geo"}), ValueError, ["mix", "geo"]),
+    ("teacher_kind", lambda s, T, w, kw: (s, T, w, {**kw, "teacher_kind": "soft"}), ValueError, ["teacher_kind"]),
     ("empty-batch", lambda s, T, w, kw: (s[:0], T[:, :0], None, kw), ValueError, ["student", "empty"]),
     ("student-1d", lambda s, T, w, kw: (s[0], T, w, kw), ValueError, ["student"]),
     ("temperature", lambda s, T, w, kw: (s, T, w, {**kw, "temperature": -1.0}), ValueError, ["temperature"]),
@@ -145,7 +146,7 @@ ENS_BAD = [
 def test_ensemble_kd_loss_bad_input(backend, device, case):
     _, breaks, exc, words = case
     s, T, w, kw = breaks(*_ens_args(), {"backend": backend})
-    _raises(exc, ["ensemble_kd_loss"] + words, ued_fast.ensemble_kd_loss, s, T, w, **kw)
+    _raises(exc, ["ensemble_kd_loss"] + words, ued_fast.ensemble_kd_loss, s, T, weights=w, **kw)
 
 
 def test_module_constructors_check_their_arguments():
@@ -154,6 +155,19 @@ def test_module_constructors_check_their_arguments():
     _raises(ValueError, ["teacher_kind"], ued_fast.KDLoss, teacher_kind="x")
     _raises(ValueError, ["mix"], ued_fast.EnsembleKDLoss, mix="x")
     _raises(ValueError, ["alpha"], ued_fast.EnsembleKDLoss, alpha=2)
+    _raises(ValueError, ["teacher_kind"], ued_fast.EnsembleKDLoss, teacher_kind="x")
+
+
+@pytest.mark.parametrize("weights", [torch.rand(3) + 0.1, torch.rand(3, 4) + 0.1], ids=["K", "KN"])
+def test_ensemble_kd_loss_weights_in_the_old_third_place(weights):
+    """The signature was (student, teachers, weights, target); target is third now, as in kd_loss."""
+    s, T, _ = _ens_args()
+    _raises(TypeError, ["ensemble_kd_loss", "weights is keyword-only", "target"], ued_fast.ensemble_kd_loss,
+            s, T, weights)
+    _raises(TypeError, ["ensemble_kd_loss", "weights is keyword-only"], ued_fast.EnsembleKDLoss(), s, T, weights)
+    y = torch.tensor([0, 1, 2, 3])
+    for old_call in ((s, T, weights, y), (s, T, None, y)):
+        _raises(TypeError, ["ensemble_kd_loss", "weights is keyword-only"], ued_fast.ensemble_kd_loss, *old_call)
 
 
 # --- grouped_heads -------------------------------------------------------------------------------
@@ -271,7 +285,7 @@ def test_ensemble_kd_loss_nonfinite_teacher_gives_nonfinite_row(backend, device,
     T = T.clone()
     T[1] = _poison(T[1], what)  # one teacher of three
     s = s.requires_grad_(True)
-    rows = ued_fast.ensemble_kd_loss(s, T, w, mix=mix, reduction="none", backend=backend)
+    rows = ued_fast.ensemble_kd_loss(s, T, weights=w, mix=mix, reduction="none", backend=backend)
     assert _nonfinite_rows(rows) == [1], rows
     rows.sum().backward()
     assert _nonfinite_rows(s.grad) == [1]
@@ -281,7 +295,7 @@ def test_ensemble_kd_loss_nonfinite_teacher_gives_nonfinite_row(backend, device,
 @pytest.mark.parametrize("mix", ["prob", "logit"])
 def test_ensemble_kd_loss_nan_student_and_legal_minus_inf(backend, device, mix):
     s, T, w = _ens_args()
-    rows = ued_fast.ensemble_kd_loss(_poison(s, "nan"), T, w, mix=mix, reduction="none", backend=backend)
+    rows = ued_fast.ensemble_kd_loss(_poison(s, "nan"), T, weights=w, mix=mix, reduction="none", backend=backend)
     assert _nonfinite_rows(rows) == [1]
     # -inf in every teacher at one entry (probability 0 in the mixture), and -inf in a teacher of
     # weight 0 (it counts nowhere): finite and equal to the reference.
@@ -290,7 +304,7 @@ def test_ensemble_kd_loss_nan_student_and_legal_minus_inf(backend, device, mix):
     T[1, 3, 0] = -math.inf
     w = torch.tensor([1.0, 0.0, 2.0])
     T[1, 0, 4] = -math.inf
-    rows = ued_fast.ensemble_kd_loss(s, T, w, mix=mix, reduction="none", backend=backend)
+    rows = ued_fast.ensemble_kd_loss(s, T, weights=w, mix=mix, reduction="none", backend=backend)
     ref = ued_fast.ensemble_kd_loss_reference(s.double(), T.double(), w.double(), mix=mix, reduction="none")
     assert torch.isfinite(ref).all() and torch.isfinite(rows).all()
     torch.testing.assert_close(rows.double(), ref, rtol=1e-4, atol=1e-5)

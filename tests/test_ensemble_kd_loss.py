@@ -60,7 +60,7 @@ def _run(device, backend, student, teachers, weights, target, grad_out_seed=0, *
     t = teachers.to(device) if isinstance(teachers, torch.Tensor) else [x.to(device) for x in teachers]
     w = None if weights is None else weights.to(device)
     y = None if target is None else target.to(device)
-    loss = ensemble_kd_loss(s, t, w, y, backend=backend, **kw)
+    loss = ensemble_kd_loss(s, t, y, weights=w, backend=backend, **kw)
     gen = torch.Generator().manual_seed(grad_out_seed)
     grad_out = (torch.rand(loss.shape, generator=gen, dtype=torch.float64) + 0.5).to(loss.dtype).to(device)
     (g,) = torch.autograd.grad(loss, s, grad_out)
@@ -224,7 +224,7 @@ def test_gradcheck_cpp_fp64(mix):
     w = torch.rand(k, n, generator=gen, dtype=torch.float64)
     y = torch.tensor([1, -100, 8, 0])
     for reduction in ("none", "batchmean"):
-        f = lambda x: ensemble_kd_loss(x, t, w, y, mix=mix, temperature=1.7, alpha=0.6, reduction=reduction,
+        f = lambda x: ensemble_kd_loss(x, t, y, weights=w, mix=mix, temperature=1.7, alpha=0.6, reduction=reduction,
                                        backend="cpp")
         assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-7)
         # fp64 path agrees with the spec to rounding
@@ -254,7 +254,7 @@ def test_torch_compile_fullgraph():
     y = torch.tensor([1, 2, -100, 4, 5, 9])
 
     def step(s, t, w, y):
-        return ensemble_kd_loss(s, t, w, y, mix="prob", temperature=3.0, alpha=0.8) * 2.0
+        return ensemble_kd_loss(s, t, y, weights=w, mix="prob", temperature=3.0, alpha=0.8) * 2.0
 
     compiled = torch.compile(step, fullgraph=True)  # inductor
     loss = compiled(s, t, w, y)
@@ -282,7 +282,7 @@ def test_eager_path_equals_custom_op(reduction):
     t = torch.randn(2, 6, 9)
     w = torch.softmax(torch.randn(2, 6), 0)
     y = torch.tensor([1, -100, 3, 4, 8, 0])
-    a = ensemble_kd_loss(s, t, w, y, mix="logit", temperature=1.5, reduction=reduction, backend="cpp")
+    a = ensemble_kd_loss(s, t, y, weights=w, mix="logit", temperature=1.5, reduction=reduction, backend="cpp")
     w_normalized = w / w.sum(0, keepdim=True)  # what the public function hands the op
     b, _, _ = _ensemble_kd_loss_op(s, list(t.unbind(0)), w_normalized, y, 1.5, 0.9, True, reduction, -100, "logit", "cpp", True)
     go = torch.rand(a.shape) + 0.5
@@ -297,8 +297,8 @@ def test_module_matches_function():
     y = torch.tensor([0, 6, -100, 2, 3])
     mod = EnsembleKDLoss(mix="logit", temperature=2.5, alpha=0.4, reduction="sum")
     assert "logit" in repr(mod) or isinstance(mod, torch.nn.Module)
-    a = mod(s, t, None, y)
-    b = ensemble_kd_loss(s, t, None, y, mix="logit", temperature=2.5, alpha=0.4, reduction="sum")
+    a = mod(s, t, y)
+    b = ensemble_kd_loss(s, t, y, mix="logit", temperature=2.5, alpha=0.4, reduction="sum")
     assert torch.equal(a, b)
 
 

@@ -28,23 +28,26 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 SLACK = 8.0
 
 
-def make_inputs(n, c, dtype, device, *, seed=0, scale=3.0, teacher_kind="logits", ignored=0.1):
-    """Student and teacher logits (correlated, so the KL is neither 0 nor huge) and targets."""
+def make_inputs(n, c, dtype, device, *, seed=0, scale=3.0, teacher_kind="logits", ignored=0.1, temperature=1.0):
+    """Student and teacher logits (correlated, so the KL is neither 0 nor huge) and targets; the teacher
+    given as teacher_kind (the tempered kinds at `temperature`)."""
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(n, c, generator=g, dtype=torch.float64) * scale
     t = s + torch.randn(n, c, generator=g, dtype=torch.float64) * scale
-    teacher = to_kind(t, teacher_kind)
+    teacher = to_kind(t, teacher_kind, temperature)
     y = torch.randint(0, c, (n,), generator=g)
     y[torch.rand(n, generator=g) < ignored] = -100
     return s.to(dtype).to(device), teacher.to(dtype).to(device), y.to(device)
 
 
-def to_kind(teacher_logits, kind):
-    if kind == "log_probs":
-        return F.log_softmax(teacher_logits, dim=-1)
-    if kind == "probs":
-        return F.softmax(teacher_logits, dim=-1)
-    return teacher_logits
+def to_kind(teacher_logits, kind, temperature=1.0):
+    """The teacher as `kind`: the tempered kinds are the soft targets at `temperature`, the others untempered."""
+    t = teacher_logits / temperature if kind.startswith("tempered_") else teacher_logits
+    if kind.endswith("log_probs"):
+        return F.log_softmax(t, dim=-1)
+    if kind.endswith("probs"):
+        return F.softmax(t, dim=-1)
+    return t
 
 
 def reductions_for(backend, device):
@@ -86,7 +89,8 @@ def error_bounds(student, teacher, target, *, temperature=4.0, alpha=0.9, t2_sca
     T = temperature
     s2 = T * T if t2_scale else 1.0
     log_p = ued_fast.reference.teacher_log_probs(t, T, teacher_kind)
-    a = torch.log(t) / T if teacher_kind == "probs" else t / T
+    scores, applied = ued_fast.reference.teacher_scores(t, T, teacher_kind)
+    a = scores / applied
     a_mag = torch.where(torch.isfinite(a), a.abs(), torch.zeros_like(a)).amax(-1)
     s_mag = s.abs().amax(-1)
     log_c = math.log(c) + 1.0
@@ -169,20 +173,21 @@ def test_temperature_alpha_grid(backend, device, temperature, alpha):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("backend,device", CASES)
 def test_teacher_kinds_match_reference(backend, device, dtype, teacher_kind):
-    s, t, y = make_inputs(40, 257, dtype, device, seed=3, teacher_kind=teacher_kind)
+    s, t, y = make_inputs(40, 257, dtype, device, seed=3, teacher_kind=teacher_kind, temperature=3.0)
     check(backend, s, t, y, temperature=3.0, alpha=0.7, teacher_kind=teacher_kind, what=teacher_kind)
 
 
 @pytest.mark.parametrize("backend,device", CASES)
 def test_teacher_kinds_of_one_teacher_agree(backend, device):
-    """Cached probabilities, log-probs and logits of one teacher give the same loss and gradient."""
+    """Cached probabilities, log-probs, soft targets at T and logits of one teacher give the same loss
+    and gradient."""
     s, logits, y = make_inputs(24, 50, torch.float64 if backend in ("cpp", "reference") else torch.float32,
                                device, seed=5)
     logits[0, :10] = -math.inf  # probability exactly 0: log_probs -inf, probs 0
-    results = {kind: run(backend, s, to_kind(logits, kind), y, temperature=2.5, teacher_kind=kind)
+    results = {kind: run(backend, s, to_kind(logits, kind, 2.5), y, temperature=2.5, teacher_kind=kind)
                for kind in TEACHER_KINDS}
     u = compute_eps(s.dtype)
-    for kind in ("log_probs", "probs"):
+    for kind in TEACHER_KINDS[1:]:
         assert_close(results[kind][0], results["logits"][0], rtol=100 * u, atol=100 * u, what=f"{kind} loss")
         assert_close(results[kind][1], results["logits"][1], rtol=100 * u, atol=100 * u, what=f"{kind} grad")
 
@@ -386,8 +391,9 @@ def _needs_cpp():
 def test_gradcheck_cpp(reduction):
     _needs_cpp()
     s, t, y = make_inputs(5, 7, torch.float64, "cpu", seed=23, ignored=0.3)
-    for kind, target in (("logits", y), ("probs", None), ("log_probs", y)):
-        teacher = to_kind(t, kind)
+    for kind, target in (("logits", y), ("probs", None), ("log_probs", y), ("tempered_probs", y),
+                         ("tempered_log_probs", None)):
+        teacher = to_kind(t, kind, 1.7)
         student = s.clone().requires_grad_()
         assert torch.autograd.gradcheck(
             lambda x: ued_fast.kd_loss(x, teacher, target, temperature=1.7, alpha=0.6, reduction=reduction,

@@ -144,7 +144,7 @@ def test_ensemble_kd_loss_matches_reference(backend):
         student, teachers, weights, target, kwargs, scale, as_list = case
         s = student.detach().requires_grad_(True)
         given_teachers = list(teachers.unbind(0)) if as_list else teachers
-        loss = ued_fast.ensemble_kd_loss(s, given_teachers, weights, target, backend=backend, **kwargs)
+        loss = ued_fast.ensemble_kd_loss(s, given_teachers, target, weights=weights, backend=backend, **kwargs)
         s64 = student.detach().double().requires_grad_(True)
         w64 = None if weights is None else weights.double()
         ref = ensemble_kd_loss_reference(s64, teachers.double(), w64, target, **kwargs)

@@ -6,6 +6,7 @@ backend and this file disagree, this file is right.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -13,7 +14,10 @@ import torch
 import torch.nn.functional as F
 
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
-TEACHER_KINDS = ("logits", "log_probs", "probs")
+# How a teacher is given. 'logits', 'log_probs' and 'probs' are tempered by the op (softmax(t / T));
+# 'tempered_probs' and 'tempered_log_probs' are soft targets already at temperature T (e.g. cached
+# softmax(t / T)), used as they are.
+TEACHER_KINDS = ("logits", "log_probs", "probs", "tempered_probs", "tempered_log_probs")
 MIXES = ("prob", "logit")
 HEAD_MODES = ("logit_mean", "prob_mean")
 
@@ -61,11 +65,18 @@ def _kd_rows(
     return torch.where(valid, rows, torch.zeros_like(rows)), valid
 
 
+def teacher_scores(teacher: torch.Tensor, temperature: float, teacher_kind: str) -> tuple[torch.Tensor, float]:
+    """(scores, t) with the teacher's tempered distribution = softmax(scores / t): t = T for the kinds the op
+    tempers, t = 1 for the already-tempered ones. Scores are log-space (log of probabilities, 0 -> -inf)."""
+    scores = torch.log(teacher) if teacher_kind in ("probs", "tempered_probs") else teacher
+    return scores, (1.0 if teacher_kind.startswith("tempered_") else temperature)
+
+
 def teacher_log_probs(teacher: torch.Tensor, temperature: float, teacher_kind: str) -> torch.Tensor:
-    """log softmax(t / T) for logits and log-probs, log softmax(log(t) / T) for probs (0 stays 0)."""
-    if teacher_kind == "probs":
-        return F.log_softmax(torch.log(teacher) / temperature, dim=-1)
-    return F.log_softmax(teacher / temperature, dim=-1)
+    """log softmax(t / T) for logits and log-probs, log softmax(log(t) / T) for probs (0 stays 0);
+    log of the (renormalized) given distribution for the tempered kinds."""
+    scores, t = teacher_scores(teacher, temperature, teacher_kind)
+    return F.log_softmax(scores / t, dim=-1)
 
 
 def kd_loss_reference(
@@ -81,6 +92,8 @@ def kd_loss_reference(
     teacher_kind: str = "logits",
 ) -> torch.Tensor:
     """DESIGN 2.1. loss = alpha*s2*KL(p || softmax(s/T)) + (1-alpha)*CE(s, y) per row, s2 = T^2 if t2_scale.
+
+    p is the teacher's tempered distribution (see teacher_log_probs and TEACHER_KINDS).
 
     With target None a row's loss is s2*KL and alpha is unused. Rows whose target is ignore_index
     count nowhere. The loss is float32 (float64 for float64 input); the teacher is a constant.
@@ -105,7 +118,8 @@ def normalize_ensemble_weights(weights: torch.Tensor | None, k: int, n: int, dev
 def ensemble_log_probs(
     teachers: torch.Tensor, weights: torch.Tensor, temperature: float, mix: str
 ) -> torch.Tensor:
-    """teachers [K, N, C] logits, weights [K, N] normalized -> log of the mixture distribution [N, C]."""
+    """teachers [K, N, C] logits (or log-space scores), weights [K, N] normalized -> log of the mixture
+    distribution [N, C], each teacher tempered by `temperature`."""
     if mix == "prob":
         # log sum_k w_k softmax(t_k/T), in log space so that tiny probabilities keep their precision.
         log_pk = F.log_softmax(teachers / temperature, dim=-1)
@@ -127,20 +141,36 @@ def ensemble_kd_loss_reference(
     t2_scale: bool = True,
     reduction: str = "batchmean",
     ignore_index: int = -100,
+    teacher_kind: str = "logits",
 ) -> torch.Tensor:
-    """DESIGN 2.2. kd_loss against the mixture of K teachers (logits).
+    """DESIGN 2.2. kd_loss against the mixture of K teachers, each given as `teacher_kind` (as in kd_loss).
 
-    mix='prob': p = sum_k w_k softmax(t_k/T); mix='logit': p = softmax(sum_k w_k t_k / T).
-    weights None (uniform), [K] or [K, N]; normalized over K.
+    With p_k the tempered distribution of teacher k (softmax(t_k/T) for logits and log-probs,
+    softmax(log(t_k)/T) for probs, the given distribution for the tempered kinds) and s_k its log:
+    mix='prob': p = sum_k w_k p_k; mix='logit': p = softmax(sum_k w_k s_k) (for logits that is
+    softmax(sum_k w_k t_k / T)). weights None (uniform), [K] or [K, N]; normalized over K.
     """
     cd = compute_dtype(student.dtype)
     t = teachers if isinstance(teachers, torch.Tensor) else torch.stack(list(teachers))
-    t = t.detach().to(cd)
+    scores, t_apply = teacher_scores(t.detach().to(cd), temperature, teacher_kind)
     k, n = t.shape[0], t.shape[1]
     w = normalize_ensemble_weights(weights, k, n, t.device, cd)
-    log_p = ensemble_log_probs(t, w, temperature, mix)
+    log_p = ensemble_log_probs(scores, w, t_apply, mix)
     rows, valid = _kd_rows(student.to(cd), log_p, target, temperature, alpha, t2_scale, ignore_index)
     return _reduce(rows, valid, student.shape[-1], reduction)
+
+
+@functools.lru_cache(maxsize=256)
+def _cover_on_device(cover: tuple[tuple[int, ...], ...], device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The cover's subsets as index tensors on `device` and the number of subsets holding each class
+    (int64 [C]): made once per (cover, device), so a call copies nothing from the host."""
+    num_classes = 1 + max(max(s) for s in cover)
+    counts = [0] * num_classes
+    for subset in cover:
+        for c in subset:
+            counts[c] += 1
+    return ([torch.tensor(s, dtype=torch.int64, device=device) for s in cover],
+            torch.tensor(counts, dtype=torch.int64, device=device))
 
 
 def grouped_heads_reference(
@@ -165,20 +195,19 @@ def grouped_heads_reference(
     h = features.view(features.shape[0], k, d) if features.dim() == 2 else features.permute(1, 0, 2)
     u = torch.einsum("nkd,kdw->nkw", h.to(cd), weight.to(cd)) + bias.to(cd)  # [N, K, W]
     sizes = [len(s) for s in cover]
-    num_classes = 1 + max(max(s) for s in cover)
-    counts = torch.zeros(num_classes, dtype=cd, device=features.device)
-    for s in cover:
-        counts[list(s)] += 1
+    subsets, class_counts = _cover_on_device(tuple(tuple(int(c) for c in s) for s in cover), features.device)
+    num_classes = class_counts.numel()
+    counts = class_counts.to(cd)
     n = u.shape[0]
     if mode == "logit_mean":
         z = u.new_zeros(n, num_classes)
-        for j, s in enumerate(cover):
-            z = z.index_add(1, torch.as_tensor(list(s), device=u.device), u[:, j, : sizes[j]])
+        for j, subset in enumerate(subsets):
+            z = z.index_add(1, subset, u[:, j, : sizes[j]])
         return (z / counts).to(features.dtype)
     # prob_mean, in log space: log r_c = logsumexp over covering heads of log q_k[c] - log count(c).
     per_class = u.new_full((n, num_classes, k), -math.inf)
-    for j, s in enumerate(cover):
+    for j, subset in enumerate(subsets):
         log_q = F.log_softmax(u[:, j, : sizes[j] + 1], dim=-1)
-        per_class[:, list(s), j] = log_q[:, : sizes[j]]
+        per_class[:, subset, j] = log_q[:, : sizes[j]]
     log_r = torch.logsumexp(per_class, dim=-1) - torch.log(counts)
     return (log_r - torch.logsumexp(log_r, dim=-1, keepdim=True)).to(features.dtype)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 
@@ -75,3 +77,101 @@ def _is_fake(x: torch.Tensor) -> bool:
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """Kernels take any row stride but need unit stride along classes."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# --- value guards against common mistakes (warn once) --------------------------------------------
+
+_INPUT_CHECKS_ENV = "UED_FAST_INPUT_CHECKS"
+_input_checks: bool | None = None  # None: CPU tensors only, unless the environment variable says otherwise
+_warned: set[str] = set()
+# Rows read by a guard: a tensor of probabilities passed as logits is one in every row, so a few suffice.
+GUARD_ROWS = 8
+
+
+def set_input_checks(enabled: bool | None) -> None:
+    """Turn the ops' value guards on for tensors on every device (True), off everywhere (False), or back
+    to the default (None: CPU tensors only, or what UED_FAST_INPUT_CHECKS=1/0 says).
+
+    The guards read a few rows of the inputs; on a GPU that is a host synchronization, so they are off
+    there unless asked for. They never run under torch.compile or torch.func transforms.
+    """
+    global _input_checks
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"set_input_checks: enabled must be True, False or None, got {enabled!r}")
+    _input_checks = enabled
+
+
+def input_checks_enabled(x: torch.Tensor) -> bool:
+    if _is_fake(x) or transforms_active() or x.device.type == "meta":
+        return False
+    setting = _input_checks
+    if setting is None:
+        env = os.environ.get(_INPUT_CHECKS_ENV)
+        setting = None if env is None or env == "" else env == "1"
+    return x.device.type == "cpu" if setting is None else setting
+
+
+def transforms_active() -> bool:
+    """True inside torch.func transforms (grad, vmap, jacrev, ...): values there are wrapped tensors."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def reset_warnings() -> None:
+    """Forget which guards have warned (each warns once per process)."""
+    _warned.clear()
+
+
+def _tolerance(x: torch.Tensor) -> float:
+    # Rounding each probability to the input dtype moves a row sum by at most eps/2.
+    return 2 * torch.finfo(x.dtype).eps + 1e-4
+
+
+def looks_like_probs(x: torch.Tensor) -> bool:
+    """The first GUARD_ROWS rows are >= 0 and sum to 1. Logits fail the first, cheaper test."""
+    rows = x.detach()[..., :GUARD_ROWS, :]
+    if not bool(rows.min() >= 0):
+        return False
+    return bool((rows.double().sum(-1) - 1).abs().max() <= _tolerance(x))
+
+
+def looks_like_log_probs(x: torch.Tensor) -> bool:
+    """The first GUARD_ROWS rows are <= 0 with logsumexp 0. Logits fail the first, cheaper test."""
+    rows = x.detach()[..., :GUARD_ROWS, :]
+    if not bool(rows.max() <= 0):
+        return False
+    return bool(torch.logsumexp(rows.double(), -1).abs().max() <= _tolerance(x))
+
+
+def guard_kd_inputs(op: str, student: torch.Tensor, teacher: torch.Tensor, teacher_kind: str,
+                    temperature: float) -> None:
+    """Warn once per mistake when the inputs look like a common misuse of the KD ops (see README).
+
+    Reads the first GUARD_ROWS rows of student and teacher (teacher: [N, C] or [K, N, C])."""
+    if not input_checks_enabled(student):
+        return
+    if teacher_kind == "logits" and looks_like_probs(teacher):
+        warn_once(f"{op}:probs-as-logits", (
+            f"{op}: the teacher looks like probabilities (rows >= 0 summing to 1) but teacher_kind='logits'; "
+            "pass teacher_kind='probs' (tempered by the op) or 'tempered_probs' (already softmax(t/T))"))
+    if teacher_kind in ("probs", "tempered_probs") and not looks_like_probs(teacher):
+        warn_once(f"{op}:bad-probs", (
+            f"{op}: teacher_kind={teacher_kind!r} but the teacher has values outside [0, 1] or rows not summing "
+            "to 1; pass logits with teacher_kind='logits'"))
+    if teacher_kind in ("log_probs", "tempered_log_probs") and not looks_like_log_probs(teacher):
+        warn_once(f"{op}:bad-log-probs", (
+            f"{op}: teacher_kind={teacher_kind!r} but the teacher's rows are not log-probabilities "
+            "(logsumexp != 0); pass logits with teacher_kind='logits'"))
+    # log_softmax(s) as the student is harmless (softmax is shift invariant); log_softmax(s / T) is
+    # tempered twice. The two look alike, so the warning says both; at T = 1 they are the same.
+    if temperature != 1.0 and looks_like_log_probs(student):
+        warn_once(f"{op}:log-probs-student", (
+            f"{op}: the student looks like log-probabilities (<= 0, logsumexp 0). The op tempers it itself "
+            "(log_softmax(student / T)): if it is log_softmax(s / T), the nn.KLDivLoss habit, it is tempered "
+            "twice; pass the logits s. (log_softmax(s) is harmless; ued_fast.set_input_checks(False) silences "
+            "this.)"))

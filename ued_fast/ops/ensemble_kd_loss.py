@@ -18,15 +18,16 @@ The kernels read each teacher row, form the mixture in registers and never write
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .. import _backend
-from ..reference import MIXES, ensemble_kd_loss_reference
+from ..reference import MIXES, compute_dtype, ensemble_kd_loss_reference, teacher_scores
 from . import _checks
-from .kd_loss import check_kd_args, fake_kd_outputs, reduction_scale, student_grad
+from .kd_loss import check_kd_args, fake_kd_outputs, reduction_scale, reference_grad, student_grad
 
 OP = "ensemble_kd_loss"
 _MIX_CODE = {name: i for i, name in enumerate(MIXES)}
@@ -127,16 +128,36 @@ def _(student, teachers, weights, target, temperature, alpha, t2_scale, reductio
 
 
 def _setup_context(ctx, inputs, output):
+    student, teachers, weights, target = inputs[:4]
     _, grad, scale = output
     ctx.reduction = inputs[7]
-    ctx.num_teachers = len(inputs[1])
-    ctx.save_for_backward(grad, scale)
+    ctx.num_teachers = len(teachers)
+    ctx.spec = _spec(*inputs[4:10])
+    ctx.save_for_backward(grad, scale, student, weights, target, *teachers)
+
+
+def _spec(temperature, alpha, t2_scale, reduction, ignore_index, mix) -> dict:
+    """The reference's keyword arguments for a kernel call (its teachers are logits)."""
+    return dict(temperature=temperature, alpha=alpha, t2_scale=t2_scale, reduction=reduction,
+                ignore_index=ignore_index, mix=mix)
+
+
+def _student_grad(ctx, grad_loss):
+    """The student's gradient from the saved tensors: the kernels' one, or with create_graph=True the
+    reference's, recomputed so that it is differentiable again."""
+    grad, scale, student, weights, target, *teachers = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None
+    if torch.is_grad_enabled():
+        stack = torch.stack(teachers)
+        (grad_student,) = reference_grad(
+            lambda s: ensemble_kd_loss_reference(s, stack, weights, target, **ctx.spec), (student,), grad_loss)
+        return grad_student
+    return student_grad(OP, grad, scale, grad_loss, ctx.reduction)
 
 
 def _backward(ctx, grad_loss, _grad_grad, _grad_scale):
-    grad, scale = ctx.saved_tensors
-    grad_student = student_grad(OP, grad, scale, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
-    return (grad_student, [None] * ctx.num_teachers) + (None,) * 10
+    return (_student_grad(ctx, grad_loss), [None] * ctx.num_teachers) + (None,) * 10
 
 
 _ensemble_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -144,7 +165,8 @@ _ensemble_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerEnsembleKDLoss(torch.autograd.Function):
     """Eager-mode twin of the custom op: same forward and backward, without the custom-op wrapper's
-    per-call cost (~0.2 ms, which dominates at CIFAR shapes). torch.compile always takes the custom op."""
+    per-call cost (~0.2 ms, which dominates at CIFAR shapes). torch.compile always takes the custom op,
+    torch.func transforms the reference."""
 
     @staticmethod
     def forward(ctx, student, weights, target, temperature, alpha, t2_scale, reduction, ignore_index, mix, backend,
@@ -152,21 +174,20 @@ class _EagerEnsembleKDLoss(torch.autograd.Function):
         loss, grad, scale = _forward_impl(student, list(teachers), weights, target, temperature, alpha, t2_scale,
                                           reduction, ignore_index, mix, backend, compute_grad)
         ctx.reduction = reduction
-        ctx.save_for_backward(grad, scale)
+        ctx.spec = _spec(temperature, alpha, t2_scale, reduction, ignore_index, mix)
+        ctx.save_for_backward(grad, scale, student, weights, target, *teachers)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad, scale = ctx.saved_tensors
-        grad_student = student_grad(OP, grad, scale, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
-        return (grad_student,) + (None,) * (len(ctx.needs_input_grad) - 1)
+        return (_student_grad(ctx, grad_loss),) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def _resolve(backend, student: torch.Tensor, k: int) -> str:
     return _pick_backend(backend, str(student.device), student.dtype == torch.float64, k)
 
 
-@torch.compiler.assume_constant_result
+@_backend.constant_under_compile
 def _pick_backend(backend: str | None, device: str, is_fp64: bool, k: int) -> str:
     """A constant for torch.compile: backend discovery imports modules, which dynamo must not trace."""
     device = torch.device(device)
@@ -195,45 +216,87 @@ def _normalized_weights(weights: torch.Tensor | None, k: int, student: torch.Ten
     return w / w.sum(0, keepdim=True)
 
 
+def _as_logits(teacher: torch.Tensor, temperature: float, teacher_kind: str) -> torch.Tensor:
+    """A teacher as the kernels take it, logits they temper by T: x with x / T = the teacher's tempered
+    log-space scores (see reference.teacher_scores). Logits and log-probs pass unchanged; probs cost one
+    log, already-tempered kinds one log and one multiply by T."""
+    if teacher_kind in ("logits", "log_probs"):
+        return teacher
+    scores, applied = teacher_scores(teacher.to(compute_dtype(teacher.dtype)), temperature, teacher_kind)
+    return scores if applied == temperature else scores * (temperature / applied)
+
+
+def _reject_positional_weights(target) -> None:
+    """The old signature was (student, teachers, weights, target): a float tensor in third place is weights."""
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        raise TypeError(
+            f"{OP}: the third positional argument is target (int64 class indices) and got a {target.dtype} "
+            "tensor; weights is keyword-only now: call ensemble_kd_loss(student, teachers, target, weights=...)")
+
+
+def _old_signature_hint(fn):
+    """The signature was (student, teachers, weights, target): four positional arguments get an error
+    that says what changed, not only how many arguments Python expected."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if len(args) > 3:
+            raise TypeError(
+                f"{OP}: takes 3 positional arguments (student, teachers, target), got {len(args)}; weights is "
+                "keyword-only now: call ensemble_kd_loss(student, teachers, target, weights=...)")
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@_old_signature_hint
 def ensemble_kd_loss(
     student: torch.Tensor,
     teachers: torch.Tensor | Sequence[torch.Tensor],
-    weights: torch.Tensor | None = None,
     target: torch.Tensor | None = None,
     *,
+    weights: torch.Tensor | None = None,
     mix: str = "prob",
     temperature: float = 4.0,
     alpha: float = 0.9,
     t2_scale: bool = True,
     reduction: str = "batchmean",
     ignore_index: int = -100,
+    teacher_kind: str = "logits",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """kd_loss of student [N, C] against the mixture of K teachers' logits ([K, N, C] or a list).
+    """kd_loss of student [N, C] against the mixture of K teachers ([K, N, C] or a list of [N, C]).
 
-    mix='prob': p = sum_k w_k softmax(t_k/T); mix='logit': p = softmax(sum_k w_k t_k / T).
-    weights: None (uniform), [K] or [K, N], non-negative, normalized over K. Other arguments as kd_loss.
-    The gradient flows to the student only (teachers and weights are constants).
+    Arguments read as in kd_loss (target third, the rest keyword-only); teacher_kind applies to every
+    teacher and takes kd_loss's kinds. With p_k teacher k's tempered distribution (softmax(t_k/T) for
+    logits) and s_k = log p_k: mix='prob': p = sum_k w_k p_k; mix='logit': p = softmax(sum_k w_k s_k)
+    (for logits, softmax(sum_k w_k t_k / T)). weights: None (uniform), [K] or [K, N], non-negative,
+    normalized over K. reduction='mean' divides by valid rows * C, CE term included (see kd_loss): use
+    'batchmean' unless you mean that. The gradient flows to the student only (teachers and weights are
+    constants); with create_graph=True it is differentiable again (recomputed by the reference). Under
+    torch.func transforms the op runs the reference.
     backend: None (the best for the device), 'cpp', 'cuda', 'triton' or 'reference'.
     """
-    check_kd_args(OP, student, None, target, temperature, alpha, t2_scale, reduction, ignore_index)
+    _reject_positional_weights(target)
+    check_kd_args(OP, student, None, target, temperature, alpha, t2_scale, reduction, ignore_index, teacher_kind)
     _checks.check_choice(OP, "mix", mix, MIXES)
     stack = _as_teacher_stack(teachers, student)
     k = stack.shape[0] if isinstance(stack, torch.Tensor) else len(stack)
     _check_weights(weights, k, student)
     temperature, alpha = float(temperature), float(alpha)
+    _checks.guard_kd_inputs(OP, student, stack if isinstance(stack, torch.Tensor) else stack[0], teacher_kind,
+                            temperature)
     chosen = _resolve(backend, student, k)
-    if chosen == "reference":
+    if chosen == "reference" or _checks.transforms_active():  # the kernels have no batching rules
         return ensemble_kd_loss_reference(student, stack, weights, target, mix=mix, temperature=temperature,
                                           alpha=alpha, t2_scale=t2_scale, reduction=reduction,
-                                          ignore_index=ignore_index)
-    # Kernels take teachers in the student's dtype with unit stride along classes; a [K, N, C] input
-    # becomes K views (no copy unless its class dimension is strided or its dtype differs).
+                                          ignore_index=ignore_index, teacher_kind=teacher_kind)
+    # Kernels take teachers as logits in the student's dtype with unit stride along classes; a [K, N, C]
+    # input becomes K views (no copy unless its class dimension is strided or its dtype or kind differs).
     if isinstance(stack, torch.Tensor):
-        stack = _checks.last_dim_contiguous(stack.detach().to(student.dtype))
-        teacher_list = list(stack.unbind(0))
+        stack = _as_logits(stack.detach(), temperature, teacher_kind).to(student.dtype)
+        teacher_list = list(_checks.last_dim_contiguous(stack).unbind(0))
     else:
-        teacher_list = [_checks.last_dim_contiguous(t.detach().to(student.dtype)) for t in stack]
+        teacher_list = [_checks.last_dim_contiguous(_as_logits(t.detach(), temperature, teacher_kind).to(student.dtype))
+                        for t in stack]
     w = _normalized_weights(weights, k, student)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     student_c = _checks.last_dim_contiguous(student)
@@ -246,18 +309,25 @@ def ensemble_kd_loss(
 
 
 class EnsembleKDLoss(nn.Module):
-    """nn.Module form of ensemble_kd_loss: forward(student, teachers, weights=None, target=None)."""
+    """nn.Module form of ensemble_kd_loss: forward(student, teachers, target=None, *, weights=None)."""
 
     def __init__(self, *, mix: str = "prob", temperature: float = 4.0, alpha: float = 0.9, t2_scale: bool = True,
-                 reduction: str = "batchmean", ignore_index: int = -100, backend: str | None = None):
+                 reduction: str = "batchmean", ignore_index: int = -100, teacher_kind: str = "logits",
+                 backend: str | None = None):
         super().__init__()
         check_kd_args("EnsembleKDLoss", torch.zeros(1, 1), None, None, temperature, alpha, t2_scale, reduction,
-                      ignore_index)
+                      ignore_index, teacher_kind)
         _checks.check_choice("EnsembleKDLoss", "mix", mix, MIXES)
         self.mix, self.temperature, self.alpha, self.t2_scale = mix, float(temperature), float(alpha), t2_scale
-        self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+        self.reduction, self.ignore_index, self.teacher_kind = reduction, ignore_index, teacher_kind
+        self.backend = backend
 
-    def forward(self, student, teachers, weights=None, target=None):
-        return ensemble_kd_loss(student, teachers, weights, target, mix=self.mix, temperature=self.temperature,
-                                alpha=self.alpha, t2_scale=self.t2_scale, reduction=self.reduction,
-                                ignore_index=self.ignore_index, backend=self.backend)
+    def forward(self, student, teachers, target=None, *, weights=None):
+        return ensemble_kd_loss(student, teachers, target, weights=weights, mix=self.mix,
+                                temperature=self.temperature, alpha=self.alpha, t2_scale=self.t2_scale,
+                                reduction=self.reduction, ignore_index=self.ignore_index,
+                                teacher_kind=self.teacher_kind, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"mix={self.mix!r}, temperature={self.temperature}, alpha={self.alpha}, t2_scale={self.t2_scale}, "
+                f"reduction={self.reduction!r}, teacher_kind={self.teacher_kind!r}")

@@ -203,20 +203,34 @@ def _(grad_out, features, weight, saved, cover_flat, cover_sizes, mode, backend,
 
 
 def _setup_context(ctx, inputs, output):
-    features, weight, _, cover_flat, cover_sizes, _, mode, backend = inputs
+    features, weight, bias, cover_flat, cover_sizes, _, mode, backend = inputs
     ctx.cover_flat, ctx.cover_sizes, ctx.mode, ctx.backend = cover_flat, cover_sizes, mode, backend
-    ctx.save_for_backward(features, weight, output[1])
+    ctx.save_for_backward(features, weight, bias, output[1])
 
 
 def _backward(ctx, grad_out, _grad_saved):
-    features, weight, saved = ctx.saved_tensors
-    need_features = ctx.needs_input_grad[0]
-    need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    features, weight, bias, saved = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must themselves be differentiable
+        grads = _reference_grads(ctx, grad_out, (features, weight, bias), needs)
+        return grads + (None,) * 5
+    need_features = needs[0]
+    need_params = needs[1] or needs[2]
     grad_features, grad_weight, grad_bias = _grouped_heads_backward_op(
         grad_out, features, weight, saved, ctx.cover_flat, ctx.cover_sizes, ctx.mode, ctx.backend,
         need_features, need_params)
-    return (grad_features if need_features else None, grad_weight if ctx.needs_input_grad[1] else None,
-            grad_bias if ctx.needs_input_grad[2] else None, None, None, None, None, None)
+    return (grad_features if need_features else None, grad_weight if needs[1] else None,
+            grad_bias if needs[2] else None, None, None, None, None, None)
+
+
+def _reference_grads(ctx, grad_out, inputs, needs) -> tuple:
+    """The reference's gradients for the inputs that need one, recomputed with create_graph=True."""
+    cover = _cover_from_args(tuple(ctx.cover_flat), tuple(ctx.cover_sizes))
+    wanted = [x for x, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        out = grouped_heads_reference(*inputs, cover, mode=ctx.mode)
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(found) if need else None for need in needs)
 
 
 _grouped_heads_op.register_autograd(_backward, setup_context=_setup_context)
@@ -256,7 +270,7 @@ def check_heads_args(features, weight, bias, cover, mode):
     return cover
 
 
-@torch.compiler.assume_constant_result
+@_backend.constant_under_compile
 def _resolve_for(backend, device: torch.device, dtype: torch.dtype) -> str:
     # A constant under torch.compile: backend discovery imports the extension, which dynamo must not trace.
     if backend is None and dtype == torch.float64 and device.type != "cpu":
@@ -287,12 +301,14 @@ def grouped_heads(
     'other' output |S_k| for prob_mean) are padding and ignored).
     'logit_mean': z_c = mean of the covering heads' logits; 'prob_mean': log of the renormalized mean
     of the covering heads' probabilities (each head's softmax includes its 'other' output |S_k|).
-    Returns [N, C] in the features' dtype; differentiable in features, weight and bias.
+    Returns [N, C] in the features' dtype; differentiable in features, weight and bias, twice over
+    (a backward with create_graph=True recomputes through the reference). Under torch.func transforms
+    (grad, vmap, ...) the op runs the reference.
     backend: None (the best for the device), 'cpp', 'cuda', 'triton' or 'reference'.
     """
     cover = check_heads_args(features, weight, bias, cover, mode)
     chosen = _resolve(backend, features)
-    if chosen == "reference":
+    if chosen == "reference" or _checks.transforms_active():  # the kernels have no batching rules
         return grouped_heads_reference(features, weight, bias, cover, mode=mode)
     cover_flat, cover_sizes = _flat_cover(cover)
     num_classes = 1 + max(cover_flat)

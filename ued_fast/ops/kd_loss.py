@@ -12,7 +12,9 @@ Every native backend implements one forward with this contract:
          (0 on ignored rows), or an empty tensor when compute_grad is False.
 Inputs have unit stride along classes and any row stride; teacher and student dtypes may differ.
 The gradient is made in the forward pass (one read of student and teacher); backward is one
-multiply of it by grad_output times the reduction's scale.
+multiply of it by grad_output times the reduction's scale. A backward with create_graph=True
+recomputes the gradient through the reference instead, from the saved student and teacher (saved as
+references, not copies), so that it is differentiable again.
 """
 from __future__ import annotations
 
@@ -20,22 +22,51 @@ import torch
 from torch import nn
 
 from .. import _backend
-from ..reference import REDUCTIONS, TEACHER_KINDS, kd_loss_reference
+from ..reference import REDUCTIONS, TEACHER_KINDS, compute_dtype, kd_loss_reference
 from . import _checks
 
 OP = "kd_loss"
-_TEACHER_KIND_CODE = {name: i for i, name in enumerate(TEACHER_KINDS)}
+# The kernels' teacher_kind codes; the tempered kinds reach them as log-probs (see kernel_teacher).
+KERNEL_TEACHER_KINDS = ("logits", "log_probs", "probs")
+_TEACHER_KIND_CODE = {name: i for i, name in enumerate(KERNEL_TEACHER_KINDS)}
 
 
 def reduction_scale(valid: torch.Tensor | None, n_rows: int, num_classes: int, reduction: str,
                     dtype: torch.dtype, device) -> torch.Tensor:
-    """The factor that turns the sum of row losses into the reduction, as a 0-d tensor (no host sync)."""
+    """The factor that turns the sum of row losses into the reduction, as a 0-d tensor.
+
+    Made on the device (torch.full is a fill kernel, not a host-to-device copy; the count of valid rows
+    stays a tensor): no host synchronization, and capturable in a CUDA graph."""
+    per_row = num_classes if reduction == "mean" else 1
     if reduction in ("none", "sum"):
         return torch.ones((), dtype=dtype, device=device)
-    n_valid = valid.sum().to(dtype) if valid is not None else torch.tensor(float(n_rows), dtype=dtype, device=device)
-    if reduction == "mean":
-        n_valid = n_valid * num_classes
-    return 1.0 / n_valid.clamp(min=1)
+    if valid is None:
+        return torch.full((), 1.0 / (n_rows * per_row), dtype=dtype, device=device)
+    return 1.0 / (valid.sum().to(dtype) * per_row).clamp(min=1)
+
+
+def kernel_teacher(teacher: torch.Tensor, temperature: float, teacher_kind: str) -> tuple[torch.Tensor, str]:
+    """The teacher as the kernels take it: (tensor, one of KERNEL_TEACHER_KINDS).
+
+    The kernels temper the teacher with the student's T. A teacher already at temperature T (p_T) is
+    passed as log-probs scaled by T: softmax(T*log(p_T) / T) = p_T. That costs one elementwise pass
+    (in float32, float64 for float64) over the teacher, none when T = 1."""
+    if teacher_kind in _TEACHER_KIND_CODE:
+        return teacher, teacher_kind
+    if temperature == 1.0:
+        return teacher, teacher_kind.removeprefix("tempered_")
+    wide = teacher.to(compute_dtype(teacher.dtype))
+    log_p = wide if teacher_kind == "tempered_log_probs" else torch.log(wide)
+    return log_p * temperature, "log_probs"
+
+
+def reference_grad(loss_of, inputs, grad_output):
+    """Gradients of loss_of(*inputs) recomputed through the differentiable reference, with create_graph:
+    what a backward returns when the caller asked for a differentiable gradient (double backward),
+    which the gradient the kernels made in the forward pass is not."""
+    with torch.enable_grad():
+        loss = loss_of(*inputs)
+        return torch.autograd.grad(loss, inputs, grad_output, create_graph=True, allow_unused=True)
 
 
 def _native_forward(backend, student, teacher, target, temperature, alpha, t2_scale, ignore_index,
@@ -81,9 +112,12 @@ def _(student, teacher, target, temperature, alpha, t2_scale, reduction, ignore_
 
 
 def _setup_context(ctx, inputs, output):
+    student, teacher, target, temperature, alpha, t2_scale, reduction, ignore_index, teacher_kind = inputs[:9]
     _, grad, scale = output
-    ctx.reduction = inputs[6]
-    ctx.save_for_backward(grad, scale)
+    ctx.reduction = reduction
+    ctx.spec = dict(temperature=temperature, alpha=alpha, t2_scale=t2_scale, reduction=reduction,
+                    ignore_index=ignore_index, teacher_kind=teacher_kind)
+    ctx.save_for_backward(grad, scale, student, teacher, target)
 
 
 def student_grad(op: str, grad, scale, grad_loss, reduction: str) -> torch.Tensor:
@@ -96,8 +130,14 @@ def student_grad(op: str, grad, scale, grad_loss, reduction: str) -> torch.Tenso
 
 
 def _backward(ctx, grad_loss, _grad_grad, _grad_scale):
-    grad, scale = ctx.saved_tensors
-    grad_student = student_grad(OP, grad, scale, grad_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
+    grad, scale, student, teacher, target = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        grad_student = None
+    elif torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+        (grad_student,) = reference_grad(
+            lambda s: kd_loss_reference(s, teacher, target, **ctx.spec), (student,), grad_loss)
+    else:
+        grad_student = student_grad(OP, grad, scale, grad_loss, ctx.reduction)
     return (grad_student,) + (None,) * 10
 
 
@@ -147,26 +187,43 @@ def kd_loss(
 ) -> torch.Tensor:
     """Fused KD loss: alpha*T^2*KL(softmax(t/T) || softmax(s/T)) + (1-alpha)*CE(s, y), per row.
 
-    student [N, C] float32/bfloat16/float16 (float64 on 'cpp'/'reference'); teacher [N, C] given as
-    teacher_kind 'logits', 'log_probs' or 'probs' (tempered in every case); target [N] int64 or None
-    (then the loss is T^2*KL, alpha unused). reduction: 'batchmean' (sum / valid rows), 'sum',
-    'mean' (sum / (valid rows * C)), 'none' ([N]). Rows with target == ignore_index count nowhere.
-    The loss is float32 (float64 for float64 student); the gradient flows to the student only.
+    student [N, C]: raw logits (not log_softmax: the op applies log_softmax(s/T) itself), float32/
+    bfloat16/float16 (float64 on 'cpp'/'reference'). target [N] int64 or None (then the loss is
+    T^2*KL and alpha is unused). Rows with target == ignore_index count nowhere.
+    teacher [N, C], as teacher_kind says:
+      'logits'             raw teacher logits; the op tempers them: softmax(t/T)
+      'log_probs'          log-probabilities (e.g. log_softmax(t)); tempered: softmax(t/T)
+      'probs'              probabilities (e.g. softmax(t)); tempered: softmax(log(t)/T)
+      'tempered_probs'     soft targets already at temperature T (e.g. cached softmax(t/T)); used as given
+      'tempered_log_probs' log of such soft targets (e.g. log_softmax(t/T)); used as given
+    The old nn.KLDivLoss habit, kd_loss(log_softmax(s/T), softmax(t/T)), is wrong twice over: pass
+    kd_loss(s, t) or kd_loss(s, softmax(t/T), teacher_kind='tempered_probs'). On CPU tensors (or on
+    every device after ued_fast.set_input_checks(True)) a guard warns once when a teacher given as
+    logits looks like probabilities, a student looks like log-probabilities (at T != 1), or a
+    'probs'/'log_probs' teacher is not a distribution.
+    reduction: 'batchmean' (sum / valid rows; the KD loss), 'sum', 'none' ([N]), or 'mean', which
+    divides by valid rows * C (torch.nn.KLDivLoss's 'mean'): it scales the CE term by 1/C as well, so
+    it is NOT the mean CE per row. Use 'batchmean' unless you mean that.
+    The loss is float32 (float64 for float64 student); the gradient flows to the student only, and a
+    gradient taken with create_graph=True is differentiable again (recomputed by the reference).
+    Under torch.func transforms (grad, vmap, ...) the op runs the reference.
     backend: None (the best for the device), 'cpp', 'cuda', 'triton' or 'reference'.
     """
     check_kd_args(OP, student, teacher, target, temperature, alpha, t2_scale, reduction, ignore_index,
                   teacher_kind)
     temperature, alpha = float(temperature), float(alpha)
+    _checks.guard_kd_inputs(OP, student, teacher, teacher_kind, temperature)
     chosen = _resolve(backend, student)
-    if chosen == "reference":
+    if chosen == "reference" or _checks.transforms_active():  # the kernels have no batching rules
         return kd_loss_reference(student, teacher, target, temperature=temperature, alpha=alpha,
                                  t2_scale=t2_scale, reduction=reduction, ignore_index=ignore_index,
                                  teacher_kind=teacher_kind)
+    teacher_k, kind_k = kernel_teacher(teacher.detach(), temperature, teacher_kind)
     student_c = _checks.last_dim_contiguous(student)
-    teacher_c = _checks.last_dim_contiguous(teacher.detach())
+    teacher_c = _checks.last_dim_contiguous(teacher_k)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     loss, _, _ = _kd_loss_op(student_c, teacher_c, target, temperature, alpha, t2_scale, reduction,
-                             ignore_index, teacher_kind, chosen, compute_grad)
+                             ignore_index, kind_k, chosen, compute_grad)
     return loss
 
 
