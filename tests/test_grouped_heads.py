@@ -127,6 +127,25 @@ def test_prob_mean_extreme_logits(device, backend, layout):
                             logit_scale=3e3, tol=2e-4)
 
 
+TRITON_CPU = [(d, b) for d, b in DEVICE_BACKENDS if b == "triton"]
+
+
+@pytest.mark.parametrize("device,backend", TRITON_CPU, ids=[f"{d}-{b}" for d, b in TRITON_CPU])
+@pytest.mark.parametrize("mode", ["logit_mean", "prob_mean"])
+def test_triton_row_kernels_across_tiles(device, backend, mode, monkeypatch):
+    """Small row tiles, so that heads, head outputs, classes and a class's holders each take several
+    tiles (the online log-sum-exps across tiles); W = 48 > the 32-wide output tile, class 0 held by
+    all 5 heads > the 2 holders read per step."""
+    from ued_fast.kernels import grouped_heads as triton_heads
+
+    monkeypatch.setattr(triton_heads, "ROW_TILE_ELEMS", 64)
+    monkeypatch.setattr(triton_heads, "MAX_BLOCK_E", 2)
+    cover = [list(range(0, 45)), [0, *range(40, 60)], [0, *range(55, 70)], [0, 1, 2, 69], [0, 33, 66]]
+    blocks = triton_heads.row_blocks(len(cover), 48, 70, 5)
+    assert blocks == dict(BLOCK_K=2, BLOCK_W=32, BLOCK_C=32, BLOCK_E=2)
+    check_against_reference(device, backend, _covers_all(cover), 3, mode, "NKD", torch.float32, n=3)
+
+
 @pytest.mark.parametrize("device,backend", NATIVE, ids=[f"{d}-{b}" for d, b in NATIVE])
 @pytest.mark.parametrize("mode", ["logit_mean", "prob_mean"])
 def test_nan_padding_never_leaks(device, backend, mode):
