@@ -17,6 +17,8 @@ import triton.language as tl
 
 # Largest power-of-two row held in one tile by the multi-row kernel; longer rows are chunked.
 SMALL_C_MAX = 2048
+# Elements per multi-row tile of the small-C kernel (a single row may be up to SMALL_C_MAX).
+SMALL_TILE_ELEMS = 1024
 # Elements per [BLOCK_K, BLOCK_C] tile of the chunked kernel.
 TILE_ELEMS = 4096
 
@@ -239,9 +241,12 @@ def ensemble_kd_loss_fwd(student: torch.Tensor, teachers: torch.Tensor, weights:
 
 def _launch(args, common, n, k, block_full, block_c):
     if block_c is None and block_full <= SMALL_C_MAX:
-        block_n = max(1, min(64, 2048 // block_full, triton.next_power_of_2(n)))
+        # Multi-row tiles of at most SMALL_TILE_ELEMS on 8 warps (4 elements per thread and array):
+        # 64 x 16 on 4 warps and 16 x 128 on 8 warps spilled on sm_90 (.ci/check_triton.py).
+        block_n = max(1, min(64, SMALL_TILE_ELEMS // block_full, triton.next_power_of_2(n)))
+        num_warps = 4 if block_n * block_full < 1024 else 8
         _ens_kd_small_c_kernel[(triton.cdiv(n, block_n),)](
-            *args, **common, BLOCK_N=block_n, BLOCK_C=block_full, num_warps=4 if block_full <= 512 else 8)
+            *args, **common, BLOCK_N=block_n, BLOCK_C=block_full, num_warps=num_warps)
     else:
         block_k = triton.next_power_of_2(k)
         chunk = block_c or max(128, min(2048, TILE_ELEMS // block_k))

@@ -330,6 +330,12 @@ def _heads_view(features: torch.Tensor, k: int, d: int) -> torch.Tensor:
     return features if features.dim() == 3 else features.unflatten(1, (k, d)).transpose(0, 1)
 
 
+def _reduce_block(x: int, dtype: torch.dtype) -> int:
+    """Block along a tl.dot's reduction dimension: 32 for float32 operands (64 x 64 x 64 float32
+    tiles spilled on sm_90, .ci/check_triton.py), 64 for 16-bit ones."""
+    return _pow2(x, hi=32 if dtype == torch.float32 else 64)
+
+
 def _dot_dtype(dtype: torch.dtype):
     # 16-bit inputs: tensor-core dots on 16-bit operands, float32 accumulation; float32 stays exact.
     # The CPU interpreter (triton 3.9) computes bfloat16 tl.dot wrongly: upcast there.
@@ -340,8 +346,11 @@ def _dot_dtype(dtype: torch.dtype):
 
 # CUDA grid limits: x up to 2^31 - 1 programs, y and z up to 65535.
 _GRID_YZ_MAX = 65535
-# Row kernels: elements of a [BLOCK_K, BLOCK_W, BLOCK_E] or [BLOCK_C, BLOCK_E] gather tile.
-ROW_TILE_ELEMS = 2048
+# Row kernels: elements of a [BLOCK_K, BLOCK_W, BLOCK_E] or [BLOCK_C, BLOCK_E] gather tile, and
+# elements per thread (sets num_warps). 2048 on 4 warps spilled up to 1.1 KB on sm_90 in the prob_mean
+# backward (.ci/check_triton.py).
+ROW_TILE_ELEMS = 1024
+ROW_ELEMS_PER_THREAD = 4
 # Holders of a class read per step (a class held by more heads takes several steps).
 MAX_BLOCK_E = 8
 
@@ -361,7 +370,7 @@ def _head_gemm(hv, weight, bias):
     k, d, w = weight.shape
     n = hv.shape[1]
     u = torch.empty((k, n, w), device=hv.device, dtype=torch.float32)
-    bn, bw, bd = 64, _pow2(w, hi=64), _pow2(d, hi=64)
+    bn, bw, bd = 64, _pow2(w, hi=64), _reduce_block(d, hv.dtype)
     _head_gemm_kernel[_launch_grid(triton.cdiv(n, bn), triton.cdiv(w, bw), k)](
         hv, weight, bias, u, n, d, w, *hv.stride(), *weight.stride(), *bias.stride(),
         DOT_DTYPE=_dot_dtype(hv.dtype), BLOCK_N=bn, BLOCK_W=bw, BLOCK_D=bd)
@@ -369,12 +378,16 @@ def _head_gemm(hv, weight, bias):
 
 
 def row_blocks(k: int, w: int, c: int, max_count: int) -> dict:
-    """Tile sizes of the row kernels (one program per row): bounded whatever K, W, C and max_count."""
+    """Tile sizes and warps of the row kernels (one program per row): bounded whatever K, W, C and
+    max_count."""
     block_e = _pow2(max_count, lo=2, hi=MAX_BLOCK_E)
     tile = max(32, ROW_TILE_ELEMS // block_e)
     block_w = _pow2(w, lo=2, hi=tile)
     block_k = _pow2(k, lo=2, hi=max(2, tile // block_w))
-    return dict(BLOCK_K=block_k, BLOCK_W=block_w, BLOCK_C=_pow2(c, lo=2, hi=tile), BLOCK_E=block_e)
+    block_c = _pow2(c, lo=2, hi=tile)
+    biggest = max(block_k * block_w, block_c) * block_e
+    num_warps = min(8, max(1, triton.next_power_of_2(biggest // (32 * ROW_ELEMS_PER_THREAD))))
+    return dict(BLOCK_K=block_k, BLOCK_W=block_w, BLOCK_C=block_c, BLOCK_E=block_e, num_warps=num_warps)
 
 
 def _on_device(t: torch.Tensor):
@@ -393,7 +406,9 @@ def _fwd(features, weight, bias, tables, mode: int):
     n, c = hv.shape[1], tables.num_classes
     out = torch.empty((n, c), device=features.device, dtype=features.dtype)
     if mode == LOGIT_MEAN:
-        bn, bc, bd = 64, _pow2(c, hi=64), _pow2(d, hi=64)
+        # float32: 32 x 32 tiles (64 x 64 and 32 x 64 spilled on sm_90, on 4 or 8 warps).
+        edge = 32 if features.dtype == torch.float32 else 64
+        bn, bc, bd = edge, _pow2(c, hi=edge), _reduce_block(d, features.dtype)
         _logit_mean_fwd_kernel[_launch_grid(triton.cdiv(n, bn), triton.cdiv(c, bc))](
             hv, weight, bias, tables.slot_of, tables.class_ptr, out, n, d, c, k,
             *hv.stride(), *weight.stride(), *bias.stride(), *out.stride(),
@@ -431,14 +446,14 @@ def _bwd(grad_out, features, weight, saved, tables, mode, need_features, need_pa
     if need_features:
         grad_features = torch.empty_like(features, memory_format=torch.contiguous_format)
         gv = _heads_view(grad_features, k, d)
-        bn, bd, bw = 64, _pow2(d, hi=64), _pow2(w, hi=64)
+        bn, bd, bw = 64, _pow2(d, hi=64), _reduce_block(w, features.dtype)
         _grad_features_kernel[_launch_grid(triton.cdiv(n, bn), triton.cdiv(d, bd), k)](
             gu, weight, tables.sizes, gv, n, d, w, *weight.stride(), *gv.stride(),
             EXTRA=1 if mode == PROB_MEAN else 0, DOT_DTYPE=dot_dtype, BLOCK_N=bn, BLOCK_D=bd, BLOCK_W=bw)
     if need_params:
         grad_weight = torch.empty((k, d, w), device=dev, dtype=weight.dtype)
         grad_bias = torch.empty((k, w), device=dev, dtype=weight.dtype)
-        bd, bw, bn = _pow2(d, hi=64), _pow2(w, hi=64), 64
+        bd, bw, bn = _pow2(d, hi=64), _pow2(w, hi=64), _reduce_block(n, features.dtype)
         _grad_params_kernel[_launch_grid(triton.cdiv(d, bd), triton.cdiv(w, bw), k)](
             hv, gu, grad_weight, grad_bias, n, d, w, *hv.stride(), DOT_DTYPE=dot_dtype,
             BLOCK_D=bd, BLOCK_W=bw, BLOCK_N=bn)

@@ -142,7 +142,7 @@ def test_triton_row_kernels_across_tiles(device, backend, mode, monkeypatch):
     monkeypatch.setattr(triton_heads, "MAX_BLOCK_E", 2)
     cover = [list(range(0, 45)), [0, *range(40, 60)], [0, *range(55, 70)], [0, 1, 2, 69], [0, 33, 66]]
     blocks = triton_heads.row_blocks(len(cover), 48, 70, 5)
-    assert blocks == dict(BLOCK_K=2, BLOCK_W=32, BLOCK_C=32, BLOCK_E=2)
+    assert {k: v for k, v in blocks.items() if k != "num_warps"} == dict(BLOCK_K=2, BLOCK_W=32, BLOCK_C=32, BLOCK_E=2)
     check_against_reference(device, backend, _covers_all(cover), 3, mode, "NKD", torch.float32, n=3)
 
 
