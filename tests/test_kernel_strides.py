@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ued_fast
-from tests.conftest import assert_close
+from conftest import assert_close
 
 pytestmark = pytest.mark.skipif("triton" not in ued_fast.available_backends("cpu"),
                                 reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")
