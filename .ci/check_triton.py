@@ -210,11 +210,12 @@ def _config_of(fn, compile_kwargs) -> str:
         if isinstance(value, bool):
             value = int(value)
         parts.append(f"{name}={value}")
-    ptrs = [f"{n}:{t[1:]}" for n, t in compile_kwargs["signature"].items() if isinstance(t, str) and t.startswith("*")]
-    dtypes = sorted({p.split(":")[1] for p in ptrs if not p.split(":")[1].startswith("i")})
+    pointee = [t[1:] for t in compile_kwargs["signature"].values() if isinstance(t, str) and t.startswith("*")]
+    dtypes = sorted({t for t in pointee if not t.startswith("i")})  # float inputs and outputs
     # Integer arguments specialized as multiples of 16 (pointers are 16-byte aligned here, as on a GPU).
+    signature = compile_kwargs["signature"]
     div16 = [names[path[0]] for path, attr in sorted(compile_kwargs["configs"][0].items())
-             if isinstance(path, tuple) and not str(compile_kwargs["signature"].get(names[path[0]], "*")).startswith("*")
+             if isinstance(path, tuple) and not str(signature.get(names[path[0]], "*")).startswith("*")
              and any("divisibility" in str(a) for a in attr)]
     return (f"warps={compile_kwargs['num_warps']} " + " ".join(parts) + f"; {'/'.join(dtypes)}"
             + (f"; div16: {','.join(div16)}" if div16 else ""))
