@@ -11,7 +11,10 @@
 // ('prob') or of the logit mixture u = sum_k w_k t_k / T ('logit'). Sweep 2: the mixture p formed in
 // registers column by column, KL(p || q) and the gradient written once. No [N, C] or [K, N, C]
 // target tensor, no host synchronization (an out-of-range target gives a NaN row loss).
-#ifdef UED_FAST_WITH_CUDA
+// UED_FAST_ENS_MATH_ONLY: keep only the reduction math (host+device), for a host-side check of it
+// against float64 (.ci/ensemble_math_check.cu).
+#if defined(UED_FAST_WITH_CUDA) || defined(UED_FAST_ENS_MATH_ONLY)
+#ifndef UED_FAST_ENS_MATH_ONLY
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -21,12 +24,53 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
 
 namespace ued_fast {
 namespace ens_kd_cuda {
 
 constexpr int kMaxTeachers = 32;  // keep in sync with CUDA_MAX_TEACHERS in ued_fast/ops/ensemble_kd_loss.py
 
+// exp and log of the kernel: the fast intrinsics on the device, libm on the host (the host check).
+__host__ __device__ __forceinline__ float fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return __expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+__host__ __device__ __forceinline__ float fast_log(float x) {
+#ifdef __CUDA_ARCH__
+  return __logf(x);
+#else
+  return std::log(x);
+#endif
+}
+
+// Running (max, sum of exp(x - max)) pair; -inf maxima are handled without NaN.
+struct MaxSum {
+  float m, z;
+};
+
+__host__ __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.f};
+  return {m, a.z * fast_exp(a.m - m) + b.z * fast_exp(b.m - m)};
+}
+
+__host__ __device__ __forceinline__ MaxSum push(MaxSum a, float x) {
+  // -inf adds nothing; tested first because while the max is still -inf, x - max would be NaN.
+  if (x == -INFINITY) return a;
+  if (x <= a.m) return {a.m, a.z + fast_exp(x - a.m)};
+  return {x, a.z * fast_exp(a.m - x) + 1.f};  // a.m = -inf: a.z = 0 and exp(-inf) = 0
+}
+
+#ifndef UED_FAST_ENS_MATH_ONLY
 template <typename scalar_t>
 struct TeacherPtrs {
   const scalar_t* ptr[kMaxTeachers];
@@ -40,22 +84,6 @@ struct Scalars {
   int64_t ignore_index;
   bool has_target, prob_mix, do_kl, do_ce, compute_grad;
 };
-
-// Running (max, sum of exp(x - max)) pair; -inf maxima are handled without NaN.
-struct MaxSum {
-  float m, z;
-};
-
-__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
-  const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.f};
-  return {m, a.z * __expf(a.m - m) + b.z * __expf(b.m - m)};
-}
-
-__device__ __forceinline__ MaxSum push(MaxSum a, float x) {
-  if (x <= a.m) return {a.m, a.z + __expf(x - a.m)};  // x = -inf adds 0
-  return {x, a.z * __expf(a.m - x) + 1.f};
-}
 
 template <int TPR>
 __device__ __forceinline__ float group_sum(float v, float* scratch) {
@@ -147,7 +175,7 @@ __global__ void __launch_bounds__(TPR * ROWS) ens_kd_fwd_kernel(
         st = group_maxsum<TPR>(st, scratch);  // uniform over the group: w is per row
         if (tid == 0) {
           t_max[group][k] = w > 0.f ? st.m : 0.f;
-          t_shift[group][k] = w > 0.f ? __logf(st.z) - __logf(w) : INFINITY;
+          t_shift[group][k] = w > 0.f ? fast_log(st.z) - fast_log(w) : INFINITY;
         }
       }
       if constexpr (TPR > 32) __syncthreads(); else __syncwarp();
@@ -163,7 +191,7 @@ __global__ void __launch_bounds__(TPR * ROWS) ens_kd_fwd_kernel(
       su = group_maxsum<TPR>(su, scratch);
     }
   }
-  const float log_zq = __logf(sq.z), log_zs = __logf(ss.z), log_zu = __logf(su.z);
+  const float log_zq = fast_log(sq.z), log_zs = fast_log(ss.z), log_zu = fast_log(su.z);
 
   // Sweep 2.
   float kl = 0.f;
@@ -181,10 +209,10 @@ __global__ void __launch_bounds__(TPR * ROWS) ens_kd_fwd_kernel(
           const float sh = t_shift[group][k];
           if (sh != INFINITY) {
             const float t = static_cast<float>(teachers.ptr[k][r * teachers.row_stride[k] + c]);
-            p += __expf((t * P.inv_t - t_max[group][k]) - sh);
+            p += fast_exp((t * P.inv_t - t_max[group][k]) - sh);
           }
         }
-        log_p = __logf(p);
+        log_p = fast_log(p);
       } else {
         float u = 0.f;
         for (int k = 0; k < P.k; ++k) {
@@ -192,12 +220,12 @@ __global__ void __launch_bounds__(TPR * ROWS) ens_kd_fwd_kernel(
           if (w > 0.f) u += w * static_cast<float>(teachers.ptr[k][r * teachers.row_stride[k] + c]);
         }
         log_p = (u * P.inv_t - su.m) - log_zu;
-        p = __expf(log_p);
+        p = fast_exp(log_p);
       }
       if (p != 0.f) kl += p * (log_p - log_q);  // != keeps a NaN p visible
-      gv = g_kl * (__expf(log_q) - p);
+      gv = g_kl * (fast_exp(log_q) - p);
     }
-    if (P.do_ce) gv += P.ce_w * (__expf((x - ss.m) - log_zs) - (c == y ? 1.f : 0.f));
+    if (P.do_ce) gv += P.ce_w * (fast_exp((x - ss.m) - log_zs) - (c == y ? 1.f : 0.f));
     if (P.compute_grad) g[c] = static_cast<scalar_t>(valid ? gv : 0.f);
   }
   if (P.do_kl) kl = group_sum<TPR>(kl, scratch);
@@ -214,14 +242,18 @@ template <typename scalar_t, int TPR, int ROWS>
 void launch(const at::Tensor& student, const TeacherPtrs<scalar_t>& tp, const at::Tensor& w, const int64_t* tgt,
             at::Tensor& row_loss, scalar_t* gp, const Scalars& P, cudaStream_t stream) {
   const int64_t blocks = (P.n + ROWS - 1) / ROWS;
+  TORCH_CHECK(blocks <= INT_MAX, "ensemble_kd_loss_fwd (cuda): N = ", P.n, " rows exceed the launch grid (at most ",
+              int64_t(INT_MAX) * ROWS, ")");
   ens_kd_fwd_kernel<scalar_t, TPR, ROWS><<<blocks, TPR * ROWS, 0, stream>>>(
       student.const_data_ptr<scalar_t>(), student.stride(0), tp, w.const_data_ptr<float>(), w.stride(0), w.stride(1),
       tgt, row_loss.mutable_data_ptr<float>(), gp, P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+#endif  // UED_FAST_ENS_MATH_ONLY
 }  // namespace ens_kd_cuda
 
+#ifndef UED_FAST_ENS_MATH_ONLY
 std::tuple<at::Tensor, at::Tensor> ensemble_kd_loss_fwd_cuda(
     const at::Tensor& student, at::TensorList teachers, const at::Tensor& weights,
     const std::optional<at::Tensor>& target, double temperature, double alpha, bool t2_scale,
@@ -290,9 +322,12 @@ std::tuple<at::Tensor, at::Tensor> ensemble_kd_loss_fwd_cuda(
   return {row_loss, grad};
 }
 
+#endif  // UED_FAST_ENS_MATH_ONLY
 }  // namespace ued_fast
 
+#ifndef UED_FAST_ENS_MATH_ONLY
 TORCH_LIBRARY_IMPL(ued_fast, CUDA, m) {
   m.impl("ensemble_kd_loss_fwd", &ued_fast::ensemble_kd_loss_fwd_cuda);
 }
-#endif  // UED_FAST_WITH_CUDA
+#endif
+#endif  // UED_FAST_WITH_CUDA || UED_FAST_ENS_MATH_ONLY

@@ -13,7 +13,9 @@
 //   does the log-space assembly.
 // - backward: one warp per row turns grad_out into gu [K, N, W] (gradient of every head output,
 //   0 on padding); grad_features and grad_weight are two float32 batched GEMMs on gu, grad_bias a sum.
-// No host synchronization; everything runs on the current stream.
+// No host synchronization; everything runs on the current stream. Launch limits: logit_mean loops over
+// row tiles (grid.y <= 65535); the row kernels keep the K head logsumexps in shared memory, or in an
+// [N, K] global scratch when K heads do not fit in 48 KB.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,7 +25,9 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 namespace ued_fast {
 namespace {
@@ -57,52 +61,56 @@ __global__ void logit_mean_fwd_kernel(const scalar_t* __restrict__ h, const scal
   __shared__ acc_t ws[kTileD][kTileC];
   __shared__ int64_t slot[kTileC];
   const int tid = threadIdx.x, tx = tid % kTileC, ty = tid / kTileC;
-  const int64_t c0 = int64_t(blockIdx.x) * kTileC, n0 = int64_t(blockIdx.y) * kTileN;
+  const int64_t c0 = int64_t(blockIdx.x) * kTileC;
   const int64_t c = c0 + tx;
-  acc_t acc[kRowsPerWarp];
-  for (int i = 0; i < kRowsPerWarp; ++i) acc[i] = 0;
-  acc_t bias_sum = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    if (tid < kTileC) {  // slot of class c0 + tid in head k: scan that class's CSR entries
-      int64_t s = -1;
-      const int64_t cc = c0 + tid;
-      if (cc < C) {
-        for (int64_t e = class_ptr[cc]; e < class_ptr[cc + 1]; ++e) {
-          const int64_t kj = class_entries[e];
-          if (kj / W == k) s = kj - k * W;
+  // Row tiles in a grid-stride loop: grid.y is capped at 65535 (N up to any size).
+  for (int64_t n0 = int64_t(blockIdx.y) * kTileN; n0 < N; n0 += int64_t(gridDim.y) * kTileN) {
+    acc_t acc[kRowsPerWarp];
+    for (int i = 0; i < kRowsPerWarp; ++i) acc[i] = 0;
+    acc_t bias_sum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      if (tid < kTileC) {  // slot of class c0 + tid in head k: scan that class's CSR entries
+        int64_t s = -1;
+        const int64_t cc = c0 + tid;
+        if (cc < C) {
+          for (int64_t e = class_ptr[cc]; e < class_ptr[cc + 1]; ++e) {
+            const int64_t kj = class_entries[e];
+            if (kj / W == k) s = kj - k * W;
+          }
         }
+        slot[tid] = s;
       }
-      slot[tid] = s;
-    }
-    const bool covered = __syncthreads_or(tid < kTileC && slot[tid] >= 0);
-    if (!covered) continue;  // block-uniform: no class of this tile in head k
-    for (int64_t d0 = 0; d0 < D; d0 += kTileD) {
-      for (int idx = tid; idx < kTileN * kTileD; idx += kTileThreads) {
-        const int r = idx / kTileD, dd = idx % kTileD;
-        const int64_t n = n0 + r, d = d0 + dd;
-        hs[r][dd] = (n < N && d < D) ? acc_t(h[k * s_hk + n * s_hn + d * s_hd]) : acc_t(0);
-      }
-      for (int idx = tid; idx < kTileD * kTileC; idx += kTileThreads) {
-        const int dd = idx / kTileC, cc = idx % kTileC;
-        const int64_t d = d0 + dd, s = slot[cc];
-        ws[dd][cc] = (s >= 0 && d < D) ? acc_t(w[k * s_wk + d * s_wd + s * s_ww]) : acc_t(0);
-      }
-      __syncthreads();
+      const bool covered = __syncthreads_or(tid < kTileC && slot[tid] >= 0);
+      if (!covered) continue;  // block-uniform: no class of this tile in head k
+      for (int64_t d0 = 0; d0 < D; d0 += kTileD) {
+        for (int idx = tid; idx < kTileN * kTileD; idx += kTileThreads) {
+          const int r = idx / kTileD, dd = idx % kTileD;
+          const int64_t n = n0 + r, d = d0 + dd;
+          hs[r][dd] = (n < N && d < D) ? acc_t(h[k * s_hk + n * s_hn + d * s_hd]) : acc_t(0);
+        }
+        for (int idx = tid; idx < kTileD * kTileC; idx += kTileThreads) {
+          const int dd = idx / kTileC, cc = idx % kTileC;
+          const int64_t d = d0 + dd, s = slot[cc];
+          ws[dd][cc] = (s >= 0 && d < D) ? acc_t(w[k * s_wk + d * s_wd + s * s_ww]) : acc_t(0);
+        }
+        __syncthreads();
 #pragma unroll 8
-      for (int dd = 0; dd < kTileD; ++dd) {
-        const acc_t wv = ws[dd][tx];
-        for (int i = 0; i < kRowsPerWarp; ++i) acc[i] += hs[ty + i * (kTileThreads / kTileC)][dd] * wv;
+        for (int dd = 0; dd < kTileD; ++dd) {
+          const acc_t wv = ws[dd][tx];
+          for (int i = 0; i < kRowsPerWarp; ++i) acc[i] += hs[ty + i * (kTileThreads / kTileC)][dd] * wv;
+        }
+        __syncthreads();
       }
-      __syncthreads();
+      if (slot[tx] >= 0) bias_sum += acc_t(b[k * s_bk + slot[tx] * s_bw]);
+      __syncthreads();  // slot[] is rewritten for the next head
     }
-    if (slot[tx] >= 0) bias_sum += acc_t(b[k * s_bk + slot[tx] * s_bw]);
-    __syncthreads();  // slot[] is rewritten for the next head
-  }
-  if (c >= C) return;
-  const acc_t inv_count = acc_t(1) / acc_t(class_ptr[c + 1] - class_ptr[c]);
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int64_t n = n0 + ty + i * (kTileThreads / kTileC);
-    if (n < N) out[n * s_on + c * s_oc] = scalar_t((acc[i] + bias_sum) * inv_count);
+    if (c < C) {  // no early return: the next row tile has block barriers
+      const acc_t inv_count = acc_t(1) / acc_t(class_ptr[c + 1] - class_ptr[c]);
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const int64_t n = n0 + ty + i * (kTileThreads / kTileC);
+        if (n < N) out[n * s_on + c * s_oc] = scalar_t((acc[i] + bias_sum) * inv_count);
+      }
+    }
   }
 }
 
@@ -163,16 +171,25 @@ __device__ acc_t row_normalizer(const acc_t* u, const acc_t* lse, const int64_t*
   return gm + log(warp_sum(s));
 }
 
+// Row n's K head logsumexps: in this warp's slice of shared memory, or (lse_global, when K heads do
+// not fit in the default 48 KB of dynamic shared memory) in its row of an [N, K] scratch tensor.
+template <typename acc_t>
+__device__ __forceinline__ acc_t* row_lse_scratch(unsigned char* smem_raw, acc_t* lse_global, int warp, int64_t n,
+                                                  int64_t K) {
+  return lse_global != nullptr ? lse_global + n * K : reinterpret_cast<acc_t*>(smem_raw) + warp * K;
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void prob_mean_fwd_kernel(const acc_t* __restrict__ u, const int64_t* __restrict__ sizes,
                                      const int64_t* __restrict__ class_ptr,
                                      const int64_t* __restrict__ class_entries, scalar_t* __restrict__ out,
-                                     int64_t N, int64_t W, int64_t K, int64_t C, int64_t s_on, int64_t s_oc) {
+                                     acc_t* __restrict__ lse_global, int64_t N, int64_t W, int64_t K, int64_t C,
+                                     int64_t s_on, int64_t s_oc) {
   extern __shared__ unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n = int64_t(blockIdx.x) * kWarpsPerBlock + warp;
   if (n >= N) return;  // whole warp leaves together
-  acc_t* lse = reinterpret_cast<acc_t*>(smem_raw) + warp * K;
+  acc_t* lse = row_lse_scratch(smem_raw, lse_global, warp, n, K);
   head_lse(u, sizes, lse, n, N, W, K, lane);
   const acc_t z = row_normalizer(u, lse, class_ptr, class_entries, n, N, W, C, lane);
   for (int64_t c = lane; c < C; c += 32) {
@@ -186,8 +203,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void grad_heads_kernel(const scalar_t* __restrict__ g, const acc_t* __restrict__ u,
                                   const int64_t* __restrict__ sizes, const int64_t* __restrict__ cover_index,
                                   const int64_t* __restrict__ class_ptr, const int64_t* __restrict__ class_entries,
-                                  acc_t* __restrict__ gu, int64_t N, int64_t W, int64_t K, int64_t C,
-                                  int64_t s_gn, int64_t s_gc, int64_t mode) {
+                                  acc_t* __restrict__ gu, acc_t* __restrict__ lse_global, int64_t N, int64_t W,
+                                  int64_t K, int64_t C, int64_t s_gn, int64_t s_gc, int64_t mode) {
   extern __shared__ unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n = int64_t(blockIdx.x) * kWarpsPerBlock + warp;
@@ -200,7 +217,7 @@ __global__ void grad_heads_kernel(const scalar_t* __restrict__ g, const acc_t* _
     }
     return;
   }
-  acc_t* lse = reinterpret_cast<acc_t*>(smem_raw) + warp * K;
+  acc_t* lse = row_lse_scratch(smem_raw, lse_global, warp, n, K);
   head_lse(u, sizes, lse, n, N, W, K, lane);
   const acc_t z = row_normalizer(u, lse, class_ptr, class_entries, n, N, W, C, lane);
   acc_t g_sum = 0;
@@ -256,6 +273,30 @@ at::Tensor heads_view(const at::Tensor& features, int64_t K, int64_t D) {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+constexpr int64_t kGridYMax = 65535;
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;  // usable without cudaFuncSetAttribute
+
+// Launch shape of the warp-per-row kernels: blocks, dynamic shared memory for the head logsumexps,
+// and the [N, K] global scratch used instead when K heads do not fit in shared memory.
+struct RowLaunch {
+  unsigned blocks;
+  size_t smem;
+  at::Tensor lse_global;
+};
+
+RowLaunch row_launch(int64_t N, int64_t K, const at::Tensor& like, at::ScalarType acc) {
+  const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  TORCH_CHECK(blocks <= INT32_MAX, "grouped_heads (cuda): N = ", N, " rows exceed the launch grid");
+  const size_t smem = c10::elementSize(acc) * kWarpsPerBlock * size_t(K);
+  if (smem <= kDefaultDynamicSmem) return {unsigned(blocks), smem, at::Tensor()};
+  return {unsigned(blocks), 0, at::empty({N, K}, like.options().dtype(acc))};
+}
+
+template <typename acc_t>
+acc_t* lse_ptr(const RowLaunch& launch) {
+  return launch.lse_global.defined() ? launch.lse_global.data_ptr<acc_t>() : nullptr;
+}
+
 std::tuple<at::Tensor, at::Tensor> grouped_heads_fwd_cuda(
     const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& cover_index, const at::Tensor& class_ptr, const at::Tensor& class_entries,
@@ -268,7 +309,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_heads_fwd_cuda(
   const int64_t N = hv.size(1);
   at::Tensor out = at::empty({N, C}, features.options());
   if (mode != kProbMean) {
-    const dim3 grid((C + kTileC - 1) / kTileC, (N + kTileN - 1) / kTileN);
+    const int64_t class_tiles = (C + kTileC - 1) / kTileC, row_tiles = (N + kTileN - 1) / kTileN;
+    TORCH_CHECK(class_tiles <= INT32_MAX, "grouped_heads (cuda): C = ", C, " classes exceed the launch grid");
+    const dim3 grid(unsigned(class_tiles), unsigned(std::min(row_tiles, kGridYMax)));  // rows: grid-stride
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "grouped_heads_logit_mean_fwd", [&] {
       logit_mean_fwd_kernel<scalar_t><<<grid, kTileThreads, 0, stream>>>(
           hv.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
@@ -282,13 +325,13 @@ std::tuple<at::Tensor, at::Tensor> grouped_heads_fwd_cuda(
   const auto acc = acc_type(features.scalar_type());
   const at::Tensor u = at::baddbmm(bias.to(acc).unsqueeze(1), hv.to(acc), weight.to(acc));  // [K, N, W]
   const at::Tensor sizes = cover_index.ge(0).sum(1);  // |S_k| on the device: no host sync
-  const int blocks = static_cast<int>((N + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const RowLaunch rl = row_launch(N, K, features, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "grouped_heads_prob_mean_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const size_t smem = sizeof(acc_t) * kWarpsPerBlock * K;
-    prob_mean_fwd_kernel<scalar_t, acc_t><<<blocks, kWarpsPerBlock * 32, smem, stream>>>(
+    prob_mean_fwd_kernel<scalar_t, acc_t><<<rl.blocks, kWarpsPerBlock * 32, rl.smem, stream>>>(
         u.data_ptr<acc_t>(), sizes.data_ptr<int64_t>(), class_ptr.data_ptr<int64_t>(),
-        class_entries.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), N, W, K, C, out.stride(0), out.stride(1));
+        class_entries.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse_ptr<acc_t>(rl), N, W, K, C,
+        out.stride(0), out.stride(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, u};
@@ -315,14 +358,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cuda(
                     saved.scalar_type() == acc && saved.is_contiguous(),
                 "grouped_heads: prob_mean backward needs the forward's head outputs [K, N, W]");
   }
-  const int blocks = static_cast<int>((N + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const RowLaunch rl = row_launch(N, mode == kProbMean ? K : 0, features, acc);  // logit_mean: no lse
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "grouped_heads_grad_heads", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const size_t smem = sizeof(acc_t) * kWarpsPerBlock * K;
-    grad_heads_kernel<scalar_t, acc_t><<<blocks, kWarpsPerBlock * 32, smem, stream>>>(
+    grad_heads_kernel<scalar_t, acc_t><<<rl.blocks, kWarpsPerBlock * 32, rl.smem, stream>>>(
         g.data_ptr<scalar_t>(), u.data_ptr<acc_t>(), sizes.data_ptr<int64_t>(), cover_index.data_ptr<int64_t>(),
-        class_ptr.data_ptr<int64_t>(), class_entries.data_ptr<int64_t>(), gu.data_ptr<acc_t>(), N, W, K, C,
-        g.stride(0), g.stride(1), mode);
+        class_ptr.data_ptr<int64_t>(), class_entries.data_ptr<int64_t>(), gu.data_ptr<acc_t>(), lse_ptr<acc_t>(rl),
+        N, W, K, C, g.stride(0), g.stride(1), mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   at::Tensor grad_features = at::empty({0}, features.options());

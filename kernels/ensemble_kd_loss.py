@@ -9,19 +9,23 @@ Two kernels, math in fp32 registers, no [N, C] or [K, N, C] target tensor writte
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 # Largest power-of-two row held in one tile by the multi-row kernel; longer rows are chunked.
 SMALL_C_MAX = 2048
+# Elements per multi-row tile of the small-C kernel (a single row may be up to SMALL_C_MAX).
+SMALL_TILE_ELEMS = 1024
 # Elements per [BLOCK_K, BLOCK_C] tile of the chunked kernel.
 TILE_ELEMS = 4096
 
 
 @triton.jit
 def _ens_kd_small_c_kernel(
-    s_ptr, stride_sn, t_ptr, stride_tk, stride_tn, w_ptr, stride_wk, stride_wn, y_ptr,
+    s_ptr, stride_sn, t_ptr, stride_tk, stride_tn, w_ptr, stride_wk, stride_wn, y_ptr, stride_y,
     loss_ptr, g_ptr, N, C, K, inv_t, kl_w, ce_w, ignore_index,
     HAS_TARGET: tl.constexpr, PROB_MIX: tl.constexpr, DO_KL: tl.constexpr, DO_CE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -39,7 +43,7 @@ def _ens_kd_small_c_kernel(
     s_max = tl.where(s_max == float("-inf"), 0.0, s_max)  # padding rows
     d = s - s_max[:, None]
     if HAS_TARGET:
-        y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
+        y = tl.load(y_ptr + rows64 * stride_y, mask=row_ok, other=ignore_index)
         valid = (y != ignore_index) & row_ok
     else:
         valid = row_ok
@@ -53,8 +57,9 @@ def _ens_kd_small_c_kernel(
         else:
             u = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         for k in range(K):
-            w = tl.load(w_ptr + k * stride_wk + rows64 * stride_wn, mask=row_ok, other=0.0).to(tl.float32)
-            t = tl.load(t_ptr + k * stride_tk + rows64[:, None] * stride_tn + cols[None, :], mask=mask,
+            k64 = tl.full([], k, tl.int64)  # k * stride_tk passes 2^31 once K*N*C does
+            w = tl.load(w_ptr + k64 * stride_wk + rows64 * stride_wn, mask=row_ok, other=0.0).to(tl.float32)
+            t = tl.load(t_ptr + k64 * stride_tk + rows64[:, None] * stride_tn + cols[None, :], mask=mask,
                         other=float("-inf")).to(tl.float32)
             if PROB_MIX:
                 t_max = tl.max(t, axis=1)
@@ -93,7 +98,7 @@ def _ens_kd_small_c_kernel(
 
 @triton.jit
 def _ens_kd_chunked_kernel(
-    s_ptr, stride_sn, t_ptr, stride_tk, stride_tn, w_ptr, stride_wk, stride_wn, y_ptr,
+    s_ptr, stride_sn, t_ptr, stride_tk, stride_tn, w_ptr, stride_wk, stride_wn, y_ptr, stride_y,
     loss_ptr, g_ptr, N, C, K, inv_t, kl_w, ce_w, ignore_index,
     HAS_TARGET: tl.constexpr, PROB_MIX: tl.constexpr, DO_KL: tl.constexpr, DO_CE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -104,10 +109,10 @@ def _ens_kd_chunked_kernel(
     offs = tl.arange(0, BLOCK_C)
     s_row = s_ptr + row * stride_sn
     t_rows = t_ptr + ks[:, None].to(tl.int64) * stride_tk + row * stride_tn
-    w = tl.load(w_ptr + ks * stride_wk + row * stride_wn, mask=k_ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + ks.to(tl.int64) * stride_wk + row * stride_wn, mask=k_ok, other=0.0).to(tl.float32)
     w_on = k_ok & (w > 0)
     if HAS_TARGET:
-        y = tl.load(y_ptr + row)
+        y = tl.load(y_ptr + row * stride_y)
         valid = y != ignore_index
     neg_inf = float("-inf")
 
@@ -202,13 +207,16 @@ def _ens_kd_chunked_kernel(
 def ensemble_kd_loss_fwd(student: torch.Tensor, teachers: torch.Tensor, weights: torch.Tensor,
                          target: torch.Tensor | None, temperature: float, alpha: float, t2_scale: bool,
                          ignore_index: int, mix: int, compute_grad: bool, *, block_c: int | None = None):
-    """teachers [K, N, C] (any strides with unit class stride), weights [K, N] normalized.
+    """teachers [K, N, C] (any strides with unit class stride), weights [K, N] normalized, target [N]
+    (any stride).
 
     block_c forces the chunked kernel with that chunk width (tests use it to cover several chunks).
     """
     n, c = student.shape
     k = teachers.shape[0]
-    assert student.stride(1) == 1 and teachers.stride(2) == 1
+    if c > 1 and (student.stride(1) != 1 or teachers.stride(2) != 1):
+        raise ValueError(f"ensemble_kd_loss_fwd: student and teachers need unit stride along classes, got "
+                         f"strides {tuple(student.stride())} and {tuple(teachers.stride())}")
     row_loss = torch.empty(n, dtype=torch.float32, device=student.device)
     grad = torch.empty((n, c) if compute_grad else (0,), dtype=student.dtype, device=student.device)
     if n == 0:
@@ -218,18 +226,28 @@ def ensemble_kd_loss_fwd(student: torch.Tensor, teachers: torch.Tensor, weights:
     kl_w = alpha * s2 if has_target else s2
     ce_w = (1.0 - alpha) if has_target else 0.0
     y = target if has_target else row_loss  # dummy pointer, never read
+    stride_y = target.stride(0) if has_target else 0
     common = dict(HAS_TARGET=has_target, PROB_MIX=mix == 0, DO_KL=kl_w != 0.0, DO_CE=ce_w != 0.0,
                   COMPUTE_GRAD=compute_grad)
     args = (student, student.stride(0), teachers, teachers.stride(0), teachers.stride(1), weights,
-            weights.stride(0), weights.stride(1), y, row_loss, grad, n, c, k, 1.0 / temperature, kl_w, ce_w,
+            weights.stride(0), weights.stride(1), y, stride_y, row_loss, grad, n, c, k, 1.0 / temperature, kl_w, ce_w,
             ignore_index)
     block_full = triton.next_power_of_2(c)
+    # Launch on the inputs' GPU (not the current one): a tensor on cuda:1 runs on cuda:1.
+    with torch.cuda.device(student.device) if student.device.type == "cuda" else contextlib.nullcontext():
+        _launch(args, common, n, k, block_full, block_c)
+    return row_loss, grad
+
+
+def _launch(args, common, n, k, block_full, block_c):
     if block_c is None and block_full <= SMALL_C_MAX:
-        block_n = max(1, min(64, 2048 // block_full, triton.next_power_of_2(n)))
+        # Multi-row tiles of at most SMALL_TILE_ELEMS on 8 warps (4 elements per thread and array):
+        # 64 x 16 on 4 warps and 16 x 128 on 8 warps spilled on sm_90 (.ci/check_triton.py).
+        block_n = max(1, min(64, SMALL_TILE_ELEMS // block_full, triton.next_power_of_2(n)))
+        num_warps = 4 if block_n * block_full < 1024 else 8
         _ens_kd_small_c_kernel[(triton.cdiv(n, block_n),)](
-            *args, **common, BLOCK_N=block_n, BLOCK_C=block_full, num_warps=4 if block_full <= 512 else 8)
+            *args, **common, BLOCK_N=block_n, BLOCK_C=block_full, num_warps=num_warps)
     else:
         block_k = triton.next_power_of_2(k)
         chunk = block_c or max(128, min(2048, TILE_ELEMS // block_k))
         _ens_kd_chunked_kernel[(n,)](*args, **common, BLOCK_K=block_k, BLOCK_C=chunk, num_warps=8)
-    return row_loss, grad

@@ -1,21 +1,16 @@
 """grouped_heads: every backend against the fp64 reference (forward and backward), plus gradcheck,
-opcheck, torch.compile and argument errors. Triton runs under TRITON_INTERPRET=1 on CPU."""
+opcheck, torch.compile and argument errors. Triton runs on CPU only under TRITON_INTERPRET=1 (set
+before Python starts); without it the Triton cases are not collected."""
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # the Triton kernels run in the interpreter on CPU tensors
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import ued_fast  # noqa: E402
-from ued_fast.ops.grouped_heads import (  # noqa: E402
+import ued_fast
+from ued_fast.ops.grouped_heads import (
     GroupedHeads, _flat_cover, _grouped_heads_op, cover_tables, grouped_heads,
 )
-from ued_fast.reference import grouped_heads_reference  # noqa: E402
+from ued_fast.reference import grouped_heads_reference
 
 DEVICE_BACKENDS = [("cpu", b) for b in ued_fast.available_backends("cpu")]
 if torch.cuda.is_available():
@@ -130,6 +125,25 @@ def test_prob_mean_extreme_logits(device, backend, layout):
     # head outputs near 1e4 carry rounding ~1e-3 into every exp, hence a looser (scaled) tolerance.
     check_against_reference(device, backend, COVERS["K5_C10"], 7, "prob_mean", layout, torch.float32,
                             logit_scale=3e3, tol=2e-4)
+
+
+TRITON_CPU = [(d, b) for d, b in DEVICE_BACKENDS if b == "triton"]
+
+
+@pytest.mark.parametrize("device,backend", TRITON_CPU, ids=[f"{d}-{b}" for d, b in TRITON_CPU])
+@pytest.mark.parametrize("mode", ["logit_mean", "prob_mean"])
+def test_triton_row_kernels_across_tiles(device, backend, mode, monkeypatch):
+    """Small row tiles, so that heads, head outputs, classes and a class's holders each take several
+    tiles (the online log-sum-exps across tiles); W = 48 > the 32-wide output tile, class 0 held by
+    all 5 heads > the 2 holders read per step."""
+    from ued_fast.kernels import grouped_heads as triton_heads
+
+    monkeypatch.setattr(triton_heads, "ROW_TILE_ELEMS", 64)
+    monkeypatch.setattr(triton_heads, "MAX_BLOCK_E", 2)
+    cover = [list(range(0, 45)), [0, *range(40, 60)], [0, *range(55, 70)], [0, 1, 2, 69], [0, 33, 66]]
+    blocks = triton_heads.row_blocks(len(cover), 48, 70, 5)
+    assert {k: v for k, v in blocks.items() if k != "num_warps"} == dict(BLOCK_K=2, BLOCK_W=32, BLOCK_C=32, BLOCK_E=2)
+    check_against_reference(device, backend, _covers_all(cover), 3, mode, "NKD", torch.float32, n=3)
 
 
 @pytest.mark.parametrize("device,backend", NATIVE, ids=[f"{d}-{b}" for d, b in NATIVE])
