@@ -37,11 +37,11 @@ def test_ensemble_kd_loss_strided_target_and_weights(c, mix):
     weights = torch.rand(n, k, generator=gen).t()  # [K, N], column-major
     target = _strided_target(n, c, gen)
     kwargs = dict(mix=mix, temperature=2.0, alpha=0.7, reduction="sum")
-    loss = ued_fast.ensemble_kd_loss(student, teachers, weights, target, backend="triton", **kwargs)
+    loss = ued_fast.ensemble_kd_loss(student, teachers, target, weights=weights, backend="triton", **kwargs)
     (grad,) = torch.autograd.grad(loss, student)
     ref_student = student.detach().double().contiguous().requires_grad_()
-    ref = ued_fast.ensemble_kd_loss(ref_student, teachers.double().contiguous(), weights.double().contiguous(),
-                                    target.contiguous(), backend="reference", **kwargs)
+    ref = ued_fast.ensemble_kd_loss(ref_student, teachers.double().contiguous(), target.contiguous(),
+                                    weights=weights.double().contiguous(), backend="reference", **kwargs)
     (ref_grad,) = torch.autograd.grad(ref, ref_student)
     assert_close(loss, ref, rtol=1e-5, atol=1e-5, what="loss")
     assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, what="grad")
