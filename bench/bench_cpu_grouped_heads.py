@@ -8,7 +8,7 @@ prob_mean it is only the linear part, a lower bound, not an equivalent).
     python bench/bench_cpu_grouped_heads.py        # runs, writes bench/results/cpu_grouped_heads.{json,md}
     python -m pytest bench/bench_cpu_grouped_heads.py --benchmark-only   # just run
 
-Threads: UED_BENCH_THREADS (default 1: the 2-core build machine is shared with other jobs, and
+Threads: UED_BENCH_THREADS (default 1: the 2-core benchmark machine is shared with other jobs, and
 2 OpenMP threads there give outliers of 100x; one thread gives reproducible numbers).
 """
 from __future__ import annotations

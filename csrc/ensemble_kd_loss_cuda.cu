@@ -1,10 +1,6 @@
 // CUDA kernel of ensemble_kd_loss_fwd (schema and CPU kernel: csrc/ensemble_kd_loss.cpp; contract:
-// ued_fast/ops/ensemble_kd_loss.py). Compile-checked only on the development machine (no GPU there):
-//   mkdir -p /tmp/cuda_stub/c10/cuda/impl && printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' \
-//     > /tmp/cuda_stub/c10/cuda/impl/cuda_cmake_macros.h
-//   nvcc -std=c++20 -c -o /tmp/ens.o -gencode=arch=compute_90,code=sm_90 -I/tmp/cuda_stub \
-//     $(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))") \
-//     -DUED_FAST_WITH_CUDA --expt-relaxed-constexpr csrc/ensemble_kd_loss_cuda.cu
+// ued_fast/ops/ensemble_kd_loss.py). Not yet run on a GPU; compile check without one:
+// .ci/check_cuda.sh csrc/ensemble_kd_loss_cuda.cu
 //
 // One group of threads per row: a warp (4 rows per block) when C <= 1024, a whole block otherwise.
 // Sweep 1 (per group): online max / sum-exp of s/T, of s (for CE), and of each teacher t_k/T

@@ -1,10 +1,5 @@
 // grouped_heads CUDA kernels (DESIGN 2.3; contract and cover tables as in csrc/grouped_heads.cpp).
-// Compiled here but never run here (no GPU on the build machine). Compile check used:
-//   mkdir -p /tmp/cuda_stub/c10/cuda/impl && printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' \
-//     > /tmp/cuda_stub/c10/cuda/impl/cuda_cmake_macros.h
-//   nvcc -std=c++20 -c -o /tmp/grouped_heads_cuda.o -gencode=arch=compute_90,code=sm_90 -I/tmp/cuda_stub \
-//     $(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))") \
-//     -DUED_FAST_WITH_CUDA --expt-relaxed-constexpr csrc/grouped_heads_cuda.cu
+// Not yet run on a GPU; compile check without one: .ci/check_cuda.sh csrc/grouped_heads_cuda.cu
 //
 // - logit_mean forward: ONE kernel. A block computes a 64 x 32 tile of z; for each head covering a
 //   class of the tile it stages the gathered weight columns of those classes in shared memory, so a

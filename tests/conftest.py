@@ -5,8 +5,6 @@ backend is covered as soon as it exists: 'triton' runs on CPU tensors under TRIT
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -17,19 +15,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running tests, deselected in CI with -m 'not slow'")
 
 
-def triton_op_present(op: str) -> bool:
-    """The Triton backend of `op` is testable once kernels/<op>.py exists (the op layer imports it lazily)."""
-    return importlib.util.find_spec(f"ued_fast.kernels.{op}") is not None
-
-
 def backend_cases(op: str) -> list:
     """pytest params (backend, device) for every backend of `op` that can run on this machine."""
     cases = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for backend in ued_fast.available_backends(device):
-            if backend == "triton" and not triton_op_present(op):
-                continue
             cases.append(pytest.param(backend, device, id=f"{backend}-{device}"))
     return cases
 
