@@ -10,6 +10,7 @@ reference and Triton backends still work).
 import glob
 import os
 import platform
+import shutil
 import sys
 
 from setuptools import setup
@@ -72,6 +73,22 @@ def _want_cuda(torch, cuda_home) -> bool:
     return force or torch.cuda.is_available()
 
 
+def _default_cuda_home():
+    """Set CUDA_HOME to /usr/local/cuda when it is unset and the nvcc on PATH has no toolkit around it.
+
+    torch takes the folder above the first nvcc on PATH as CUDA_HOME; a wrapper script such as
+    /usr/local/bin/nvcc (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`) would make it /usr/local, where
+    neither the CUDA headers nor libcudart are, and the link fails."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc and os.path.exists(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include",
+                                            "cuda_runtime.h")):
+        return  # torch finds this toolkit itself
+    if os.path.exists("/usr/local/cuda/include/cuda_runtime.h"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def _cublas_headers_on_cpath(cuda_home):
     """ATen's CUDA headers include cuBLAS; an nvcc-only toolkit lacks its headers, which torch's
     nvidia-* wheels ship: append their include folder to CPATH (searched after every -I folder,
@@ -92,6 +109,7 @@ def _extensions():
     if os.environ.get("UED_FAST_NO_EXT") == "1":
         return [], {}
     torch = _import_torch()
+    _default_cuda_home()  # before cpp_extension reads it
     from torch.utils import cpp_extension
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
