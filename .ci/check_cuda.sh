@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Compile-check every csrc/*.cu for sm_90 against the installed torch's headers (nvcc -c, no link).
+# Developer tool (`make check-cuda`), not run by CI, which builds and links the CUDA kernels for real:
+# compile-check every csrc/*.cu for sm_90 against the installed torch's headers (nvcc -c, no link), in
+# seconds per file, e.g. while editing one kernel.
 # Works with a CPU-only torch: the one generated CUDA header such a torch lacks is stubbed in a temp dir.
 # Usage: .ci/check_cuda.sh [file.cu ...]   (default: every csrc/*.cu). Env: NVCC, JOBS (default 2).
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""GPU benchmark of the ued_fast ops (GitHub issue 5, DESIGN section 4).
+"""GPU benchmark of the ued_fast ops (DESIGN section 4).
 
 On a CUDA machine:  python bench/gpu_bench.py [--out bench/results] [--sections kd,ensemble,heads]
 On a CPU (a check of the script itself, tiny shapes, wall-clock timer):  python bench/gpu_bench.py --dry-run

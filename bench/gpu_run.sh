@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# The one command for the device tool (GitHub issue 5): build the extension with CUDA, run the test
-# suite on the GPU, check the CUDA kernels with compute-sanitizer, benchmark; logs and results under $OUT.
+# The one command for a CUDA machine: build the extension with its CUDA kernels, run the GPU tests
+# (the 'cuda' and 'triton' backends on CUDA tensors) with a JUnit report, the self-check
+# (python -m ued_fast.selftest), then the benchmark. Logs and results go to $OUT.
 #
-# From the repo root, after bench/wheels.sh (Liger-Kernel travels as a wheel):
-#   run(command="UED_FAST_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh", carry=[".whl"], timeout_s=600)
-#   (write the sha literally: the device copy has no .git)
-# One call has 10 minutes; the stages share TOTAL_BUDGET seconds (default 560) and each has its own
-# `timeout`. If everything does not fit, split it over two calls of one warm machine (the build stays):
-#   STAGES=build,test,sanitize bash bench/gpu_run.sh
-#   STAGES=build,bench BENCH_ARGS="--sections kd" bash bench/gpu_run.sh
-# Stages: build, test, sanitize (compute-sanitizer memcheck + a smoke check), ncu (hardware counters
-# of the kd_loss kernel at three shapes), bench. Default: build,test,bench.
-# Files back (at most 8): build.log, test.log, sanitize.log, ncu.log, bench.log, gpu_bench.{json,md,png}.
-# Then copy gpu_bench.* from the tool's files_at folder into bench/results/ and commit them.
+# Uses the machine's python3 with its torch (no venv), from the repo root:
+#   UED_FAST_COMMIT=<sha> bash bench/gpu_run.sh        (write the sha literally where the copy has no .git)
+# With bench/wheels.sh run beforehand, .whl/ (Liger-Kernel for the comparison) is installed to /tmp/site.
+# The stages share TOTAL_BUDGET seconds (default 450, so the whole run ends within 8 minutes) and each
+# has its own timeout (BUILD_TIMEOUT, TEST_TIMEOUT, SELFTEST_TIMEOUT, capped by the time left); the
+# JUnit report is written even when the tests are cut off (they get SIGINT, on which pytest reports).
+# STAGES (default build,test,selftest,bench; also sanitize: compute-sanitizer memcheck of kd_loss,
+# ncu: hardware counters of the kd_loss kernel) picks a subset, e.g. on a second call to a warm machine:
+#   STAGES=sanitize,ncu bash bench/gpu_run.sh
+# DRY_RUN=1: the plumbing on a CPU machine: no nvidia-smi and no compile (the extension already built
+# here is used), the build and self-check tests under TRITON_INTERPRET=1, the self-check on cpu, the
+# benchmark's --dry-run.
+# Files in $OUT: build.log, test.log, junit-gpu.xml, selftest.log, bench.log, gpu_bench.{json,md,png}.
+# Then copy gpu_bench.* into bench/results/ and commit them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/bench/results}
 mkdir -p "$OUT"
-STAGES=${STAGES:-build,test,bench}
-TOTAL_BUDGET=${TOTAL_BUDGET:-560}
+DRY_RUN=${DRY_RUN:-0}
+STAGES=${STAGES:-build,test,selftest,bench}
+TOTAL_BUDGET=${TOTAL_BUDGET:-450}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-240}
+TEST_TIMEOUT=${TEST_TIMEOUT:-150}
+SELFTEST_TIMEOUT=${SELFTEST_TIMEOUT:-120}
 BENCH_ARGS=${BENCH_ARGS:-}
 PY=${PY:-python3}
 start=$SECONDS
@@ -33,42 +41,91 @@ stage_timeout() {  # min(wanted, time left - margin)
 }
 log() { echo "[gpu_run $(( SECONDS - start ))s] $*"; }
 
-unset TRITON_INTERPRET  # the tests must run the real kernels on the GPU
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export UED_FAST_COMMIT=${UED_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+if [[ $DRY_RUN == 1 ]]; then
+  export TRITON_INTERPRET=1  # the Triton kernels on CPU tensors
+  device=cpu
+  test_select="test_build.py or test_selftest.py"  # the plumbing only: the op suites run in make test
+  bench_mode=--dry-run
+else
+  unset TRITON_INTERPRET    # the real kernels on the GPU
+  export FORCE_CUDA=1 UED_FAST_EXPECT_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  device=cuda
+  test_select="cuda-cuda or triton-cuda or test_build.py or test_selftest.py"
+  bench_mode=""
+fi
 
-log "commit $UED_FAST_COMMIT; stages $STAGES; budget ${TOTAL_BUDGET}s"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | head -3
-$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+log "commit $UED_FAST_COMMIT; stages $STAGES; budget ${TOTAL_BUDGET}s; dry run $DRY_RUN"
+[[ $DRY_RUN == 1 ]] || nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | head -3
+$PY -c "import torch, setuptools; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'setuptools', setuptools.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+$PY -c "import triton; print('triton', triton.__version__)" || log "no triton: the 'triton' backend is skipped"
+for module in pytest hypothesis; do
+  $PY -c "import $module" 2>/dev/null || log "python module $module is missing: the tests that need it are not run"
+done
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site" && log "wheels installed: $(ls .whl)"
 else
-  log "no .whl/: Liger-Kernel will be recorded as missing (run bench/wheels.sh here and carry .whl)"
+  log "no .whl/: Liger-Kernel will be recorded as missing (run bench/wheels.sh and carry .whl)"
 fi
 
 status=0
 if has_stage build; then
-  log "build (setup.py build_ext --inplace, CUDA sources included)"
-  if ! timeout "$(stage_timeout 300)" env MAX_JOBS=16 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
-    log "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1
+  if [[ $DRY_RUN == 1 ]]; then
+    log "build: dry run, using the extension already built here"
+    $PY -c "import ued_fast._C" >"$OUT/build.log" 2>&1 || { log "BUILD: ued_fast._C does not import"; exit 1; }
+  else
+    log "build (setup.py build_ext --inplace, CUDA kernels included, MAX_JOBS=$MAX_JOBS)"
+    # setuptools < 77 cannot read pyproject.toml's SPDX license field; build_ext needs none of the metadata.
+    aside=""
+    if ! $PY -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)"; then
+      aside=$(mktemp) && mv pyproject.toml "$aside" && log "setuptools < 77: pyproject.toml set aside for the build"
+    fi
+    timeout "$(stage_timeout "$BUILD_TIMEOUT")" $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+    rc=$?
+    [[ -n $aside ]] && mv "$aside" pyproject.toml
+    if (( rc != 0 )); then log "BUILD FAILED or timed out (rc=$rc)"; tail -40 "$OUT/build.log"; exit 1; fi
+    grep -iE "warning|spill" "$OUT/build.log" | head -20
   fi
-  grep -iE "warning|spill" "$OUT/build.log" | grep -v "^\s*$" | head -20
-  $PY -c "import torch, ued_fast; b = ued_fast.available_backends('cuda'); print('cuda backends:', b); assert 'cuda' in b, 'CUDA kernels not built'" \
+  $PY -c "import ued_fast; b = ued_fast.available_backends('$device'); print('$device backends:', b); assert '$device' == 'cpu' or 'cuda' in b, 'CUDA kernels not built'" \
     || { log "the CUDA backend is not available after the build"; exit 1; }
+  log "build done"
 fi
 
 if has_stage test; then
-  log "tests on CUDA"
-  xdist=""
-  $PY -c "import xdist" 2>/dev/null && xdist="-n 4"
-  timeout "$(stage_timeout 240)" $PY -m pytest tests -q -m "not slow" $xdist -p no:cacheprovider -rfE \
-    >"$OUT/test.log" 2>&1
+  log "tests: -k '$test_select'"
+  # SIGINT (not SIGTERM) on timeout: pytest then stops and still writes the JUnit report.
+  timeout -s INT -k 20 "$(stage_timeout "$TEST_TIMEOUT")" $PY -m pytest tests -q -m "not slow" -k "$test_select" \
+    -p no:cacheprovider -rfE --continue-on-collection-errors --durations=10 \
+    --junitxml="$OUT/junit-gpu.xml" -o junit_suite_name="ued_fast-$device" >"$OUT/test.log" 2>&1
   rc=$?
   tail -25 "$OUT/test.log"
+  if [[ ! -s $OUT/junit-gpu.xml ]]; then  # cut off before pytest could report (e.g. while collecting)
+    log "pytest wrote no JUnit report (rc=$rc): writing one that records the failed run"
+    $PY - "$OUT/junit-gpu.xml" "$rc" "$OUT/test.log" "$device" <<'PYEOF'
+import sys
+from xml.etree import ElementTree as ET
+path, rc, log, device = sys.argv[1:]
+suites = ET.Element("testsuites")
+suite = ET.SubElement(suites, "testsuite", name=f"ued_fast-{device}", tests="1", errors="1", failures="0", skipped="0")
+case = ET.SubElement(suite, "testcase", classname="bench.gpu_run", name="pytest_run")
+error = ET.SubElement(case, "error", message=f"pytest exited with code {rc} before writing its report (124: timed out)")
+error.text = "".join(open(log, errors="replace").readlines()[-60:])
+ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+PYEOF
+  fi
   (( rc != 0 )) && { log "TESTS FAILED or timed out (rc=$rc)"; status=1; }
+fi
+
+if has_stage selftest; then
+  log "self-check on $device"
+  timeout -k 10 "$(stage_timeout "$SELFTEST_TIMEOUT")" $PY -m ued_fast.selftest --device "$device" >"$OUT/selftest.log" 2>&1
+  rc=$?
+  cat "$OUT/selftest.log"
+  (( rc != 0 )) && { log "SELF-CHECK FAILED or timed out (rc=$rc)"; status=1; }
 fi
 
 if has_stage sanitize; then
@@ -117,8 +174,11 @@ fi
 
 if has_stage bench; then
   budget=$(( $(left) - 40 ))
-  log "benchmark (time budget ${budget}s) $BENCH_ARGS"
-  timeout "$(stage_timeout $(( budget + 30 )))" $PY bench/gpu_bench.py --out "$OUT" --time-budget "$budget" $BENCH_ARGS \
+  if (( budget < 30 )); then log "BENCH SKIPPED: ${budget}s left of the budget"; status=1; fi
+fi
+if has_stage bench && (( budget >= 30 )); then
+  log "benchmark (time budget ${budget}s) $bench_mode $BENCH_ARGS"
+  timeout -k 10 "$(stage_timeout $(( budget + 30 )))" $PY bench/gpu_bench.py --out "$OUT" --time-budget "$budget" $bench_mode $BENCH_ARGS \
     >"$OUT/bench.log" 2>&1
   rc=$?
   tail -80 "$OUT/bench.log"

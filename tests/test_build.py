@@ -1,0 +1,120 @@
+"""The build and the package: every native op has a CUDA kernel whenever the extension was built with
+CUDA (and CI's FORCE_CUDA build really has them), the version has one source, every third-party
+module the package imports is a declared dependency, and a build without torch fails in one line."""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ued_fast
+from ued_fast import _backend
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def native_op_names() -> set[str]:
+    """Ops with a CPU kernel in csrc/*.cpp (TORCH_LIBRARY_IMPL(ued_fast, CPU, m) { m.impl("name", ...) })."""
+    names = set()
+    for src in sorted((REPO / "csrc").glob("*.cpp")):
+        for block in re.findall(r"TORCH_LIBRARY_IMPL\(\s*ued_fast\s*,\s*CPU\s*,\s*\w+\s*\)\s*\{(.*?)\n\}",
+                                src.read_text(), flags=re.S):
+            names |= set(re.findall(r'\.impl\(\s*"(\w+)"', block))
+    return names
+
+
+def test_native_ops_are_found_in_the_sources():
+    # The scan below must see the ops it is meant to check.
+    assert {"kd_loss_fwd", "ensemble_kd_loss_fwd", "grouped_heads_fwd", "grouped_heads_bwd"} <= native_op_names()
+
+
+@pytest.mark.skipif(not _backend.extension_loaded(), reason="ued_fast._C is not built")
+def test_every_native_op_has_a_cuda_kernel_iff_built_with_cuda():
+    built = bool(torch.ops.ued_fast.cuda_built())
+    has_cuda = {name: torch._C._dispatch_has_kernel_for_dispatch_key(f"ued_fast::{name}", "CUDA")
+                for name in sorted(native_op_names())}
+    if built:
+        assert all(has_cuda.values()), f"built with CUDA but without a CUDA kernel: {[n for n, h in has_cuda.items() if not h]}"
+    else:
+        assert not any(has_cuda.values()), f"CUDA kernels registered by a CPU-only build: {has_cuda}"
+
+
+@pytest.mark.skipif(os.environ.get("UED_FAST_EXPECT_CUDA") != "1",
+                    reason="UED_FAST_EXPECT_CUDA=1 (set by .ci/run and bench/gpu_run.sh) asks for the CUDA build")
+def test_the_expected_cuda_build_is_the_one_loaded():
+    assert _backend.extension_loaded(), "ued_fast._C did not load"
+    assert torch.ops.ued_fast.cuda_built(), "ued_fast._C was built without its CUDA kernels (FORCE_CUDA=1, nvcc?)"
+
+
+def test_version_has_one_source():
+    assert PYPROJECT["project"]["dynamic"] == ["version"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ued_fast.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", ued_fast.__version__)
+
+
+# Import name -> distribution name, where they differ.
+DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow", "yaml": "pyyaml"}
+
+
+def imported_top_level_modules(paths) -> set[str]:
+    found = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def requirement_names(requirements) -> set[str]:
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_every_imported_third_party_module_is_declared():
+    sources = list((REPO / "ued_fast").glob("**/*.py")) + list((REPO / "kernels").glob("*.py"))
+    third_party = imported_top_level_modules(sources) - set(sys.stdlib_module_names) - {"ued_fast", "__future__"}
+    assert {"torch", "numpy", "sklearn", "PIL"} <= third_party  # the scan sees the imports
+    required = requirement_names(PYPROJECT["project"]["dependencies"])
+    optional = requirement_names(r for extra in PYPROJECT["project"]["optional-dependencies"].values() for r in extra)
+    missing = {m for m in third_party if DISTRIBUTIONS.get(m, m).lower() not in required}
+    assert missing <= {"triton"}, f"imported but not in [project] dependencies: {sorted(missing)}"
+    assert "triton" in optional  # the Triton backend is optional: ued_fast imports it lazily
+
+
+def test_console_script_points_at_the_cli():
+    module, _, func = PYPROJECT["project"]["scripts"]["ued-fast"].partition(":")
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_building_without_torch_is_a_one_line_error(tmp_path):
+    # torch made unimportable, then setup.py run as pip's build backend would run it.
+    code = "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; runpy.run_path('setup.py', run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "UED_FAST_NO_EXT": ""})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "install torch first" in lines[0] and "--no-build-isolation" in lines[0]
+
+
+def test_force_cuda_without_nvcc_or_cuda_torch_is_an_error_not_a_cpu_build():
+    code = "import runpy, sys; sys.argv = ['setup.py', '--name']; runpy.run_path('setup.py', run_name='__main__')"
+    env = {**os.environ, "FORCE_CUDA": "1", "UED_FAST_NO_EXT": "", "UED_FAST_NO_CUDA": "", "CUDA_HOME": "/nonexistent"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    expected = "nvcc was not found" if torch.version.cuda else "has no CUDA"
+    assert proc.returncode == 1 and f"FORCE_CUDA=1 but" in proc.stderr and expected in proc.stderr, proc.stderr
