@@ -556,3 +556,24 @@ def test_float64_on_a_gpu_backend_is_refused():
     with pytest.raises(TypeError, match="fused_linear_kd_loss: backend='triton' takes float32"):
         fused_linear_kd_loss(g["hidden"].double(), g["weight"].double(), torch.zeros(6, 10, dtype=torch.float64),
                              backend="triton")
+
+
+@needs_cpp
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_second_backward_through_the_same_graph(reduction):
+    """The first backward scales the saved gradients in place; a second one (retain_graph) runs the pass
+    again and must give the same gradients, and must not alter the first ones."""
+    hidden, weight, bias, teachers, _, _, target = make_case(19, 6, 25, seed=21)
+    params = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    loss = fused_linear_kd_loss(params[0], params[1], teachers[0], target, bias=params[2], chunk_size=4,
+                                reduction=reduction)
+    go = _grad_out(loss, 1)
+    first = torch.autograd.grad(loss, params, go, retain_graph=True)
+    first_copy = [g.clone() for g in first]
+    second = torch.autograd.grad(loss, params, 2 * go)
+    want = expected(hidden, weight, bias, teachers, None, None, target, ensemble=False, grad_seed=1,
+                    reduction=reduction)[1]
+    for a, b, c, w in zip(first, first_copy, second, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(c, 2 * w, rtol=1e-10, atol=1e-12)

@@ -11,8 +11,8 @@ ensemble_kd_loss: `torch.ops.ued_fast.kd_loss_fwd` / `ensemble_kd_loss_fwd` for 
 'triton') gives the row losses and g = d row_loss / d logits. The forward pass then accumulates
     grad_hidden[chunk] = g @ W,   grad_W += g.T @ h_chunk,   grad_b += g.sum(0)
 (grad_W and grad_b in float32, float64 for float64 input) and scales them once by the reduction's
-factor, which comes from `target` on the device (no host synchronization). Backward is one multiply
-by grad_output. reduction='none' cannot fold a per-row grad_output into grad_W ahead of time, so its
+factor, which comes from `target` on the device (no host synchronization). Backward is one in-place
+multiply by grad_output (a second backward through the same graph runs the pass again). reduction='none' cannot fold a per-row grad_output into grad_W ahead of time, so its
 backward runs the chunked pass again with grad_output as per-row weights.
 
 Memory beyond the inputs and the parameter-sized gradients: O(chunk_size x V). chunk_size=None picks
@@ -225,28 +225,43 @@ def _setup_context(ctx, inputs, output):
     args = dict(zip(_LOSS_ARG_NAMES, inputs))
     ctx.args = {k: v for k, v in args.items() if not isinstance(v, (torch.Tensor, list)) and v is not None}
     ctx.counts = (len(args["teachers"]), len(args["teacher_weights"]), len(args["teacher_biases"]))
-    if args["reduction"] == "none":  # keep the inputs: backward runs the pass again
-        ctx.save_for_backward(args["hidden"], args["weight"], args["bias"], args["mix_weights"], args["target"],
-                              *args["teachers"], *args["teacher_weights"], *args["teacher_biases"])
-    else:
-        ctx.save_for_backward(*output[1:])
+    ctx.grads_handed_out = False
+    # The inputs (references, no copies) let a backward run the pass again: always for 'none', and for a
+    # second backward through the same graph (retain_graph=True) after the saved gradients were used.
+    saved = [args["hidden"], args["weight"], args["bias"], args["mix_weights"], args["target"],
+             *args["teachers"], *args["teacher_weights"], *args["teacher_biases"]]
+    ctx.save_for_backward(*saved, *(output[1:] if args["reduction"] != "none" else ()))
 
 
 def _backward(ctx, grad_loss, _gh, _gw, _gb):
     a = ctx.args
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    if a["reduction"] == "none":
-        hidden, weight, bias, mix_weights, target, *rest = ctx.saved_tensors
-        k, n_tw, n_tb = ctx.counts
-        teachers, teacher_weights, teacher_biases = rest[:k], rest[k:k + n_tw], rest[k + n_tw:k + n_tw + n_tb]
+    k, n_tw, n_tb = ctx.counts
+    # After the saved gradients were scaled in place, saved_tensors would refuse to unpack (their version
+    # changed): a later backward takes the inputs kept aside then.
+    saved = ctx.inputs_kept if ctx.grads_handed_out else ctx.saved_tensors
+    hidden, weight, bias, mix_weights, target, *rest = saved
+    teachers, teacher_weights, teacher_biases = rest[:k], rest[k:k + n_tw], rest[k + n_tw:k + n_tw + n_tb]
+    acc_dtype = _accumulate_dtype(hidden.dtype)
+    if a["reduction"] != "none" and not ctx.grads_handed_out:
+        grads = rest[k + n_tw + n_tb:]
+        # Traced backwards (torch.compile, AOT) see functional/fake tensors: no in-place there.
+        if torch.compiler.is_compiling() or any(type(g) is not torch.Tensor for g in grads):
+            grad_hidden, grad_weight, grad_bias = (g * grad_loss if g.numel() else g for g in grads)
+        else:
+            # Scaled in place: a [V, H] copy of the weight gradient would double this op's peak memory.
+            ctx.inputs_kept = tuple(saved[:len(saved) - 3])
+            ctx.grads_handed_out = True  # they may now be the parameters' .grad: never touched again
+            grad_hidden, grad_weight, grad_bias = (g.mul_(grad_loss) if g.numel() else g for g in grads)
+    else:
+        grad_scale = grad_loss.to(acc_dtype)
+        if a["reduction"] != "none":
+            grad_scale = grad_scale * reduction_factor(target, hidden.shape[0], weight.shape[0], a["reduction"],
+                                                       a["ignore_index"], acc_dtype, hidden.device)
         _, grad_hidden, grad_weight, grad_bias = _pass_op(
             hidden, weight, bias, list(teachers), list(teacher_weights), list(teacher_biases), mix_weights, target,
-            grad_loss.to(_accumulate_dtype(hidden.dtype)), a["temperature"], a["alpha"], a["t2_scale"],
-            a["ignore_index"], a["teacher_kind"], a["mix"], a["ensemble"], a["backend"], a["chunk_size"],
-            bool(need_hidden), bool(need_weight), bool(need_bias))
-    else:
-        grad_hidden, grad_weight, grad_bias = (g * grad_loss if g.numel() else g for g in ctx.saved_tensors)
-    k, n_tw, n_tb = ctx.counts
+            grad_scale, a["temperature"], a["alpha"], a["t2_scale"], a["ignore_index"], a["teacher_kind"], a["mix"],
+            a["ensemble"], a["backend"], a["chunk_size"], bool(need_hidden), bool(need_weight), bool(need_bias))
     return ((grad_hidden if need_hidden else None, grad_weight if need_weight else None,
              grad_bias if need_bias else None, [None] * k, [None] * n_tw, [None] * n_tb)
             + (None,) * (len(_LOSS_ARG_NAMES) - 6))
