@@ -2,6 +2,8 @@
 from ._backend import available_backends
 from ._backend import extension_loaded as _load_extension
 from .ops.ensemble_kd_loss import EnsembleKDLoss, ensemble_kd_loss
+from .ops.fused_linear_kd_loss import (FusedLinearEnsembleKDLoss, FusedLinearKDLoss,
+                                       fused_linear_ensemble_kd_loss, fused_linear_kd_loss)
 from .ops.grouped_heads import GroupedHeads, grouped_heads
 from .ops._checks import set_input_checks
 from .ops.kd_loss import KDLoss, kd_loss
@@ -13,5 +15,6 @@ __version__ = "0.1.0"
 __all__ = [
     "kd_loss", "KDLoss", "ensemble_kd_loss", "EnsembleKDLoss", "grouped_heads", "GroupedHeads",
     "kd_loss_reference", "ensemble_kd_loss_reference", "grouped_heads_reference", "available_backends",
+    "fused_linear_kd_loss", "FusedLinearKDLoss", "fused_linear_ensemble_kd_loss", "FusedLinearEnsembleKDLoss",
     "set_input_checks",
 ]
