@@ -95,8 +95,8 @@ def test_compare_rows_corrected_intervals_and_verdict():
         ci = sps.ttest_rel(d, np.zeros(6)).confidence_interval(1 - c.holm_level)
         assert (c.holm_ci_low, c.holm_ci_high) == pytest.approx((ci.low, ci.high), rel=1e-9)
         assert c.holm_ci_low <= c.ci_low and c.holm_ci_high >= c.ci_high
-        # every corrected interval excludes 0 exactly when Holm rejects that null
-        assert (c.holm_ci_low > 0 or c.holm_ci_high < 0) == (c.holm_p < 0.05)
+    # all corrected intervals exclude 0 exactly when Holm rejects every null
+    assert all(c.holm_ci_low > 0 or c.holm_ci_high < 0 for c in comps) == all(c.holm_p < 0.05 for c in comps)
     # v1 vs v2 and v2 vs v1 point opposite ways: one interval must lie below 0 or include it
     code, line = stats.verdict(comps)
     assert code != "holds"
