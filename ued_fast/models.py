@@ -128,14 +128,14 @@ class ConvBody(nn.Module):
         return self.executor
 
     def _forward_loop(self, x: torch.Tensor) -> torch.Tensor:
-        # Exactly the grouped network: the first conv (groups=1) runs once for all branches, then
-        # branch b runs every later layer on its channel slice with its slice of the weights.
+        # Exactly the grouped network: branch b runs every layer with its slice of the weights
+        # (the first conv, groups=1, too: its output slice is branch b's), so each branch's
+        # activations are contiguous tensors of their own, as K separate networks would have.
         k = self.groups
-        chunks = self.layers[0](x).chunk(k, dim=1)
         outs = []
         for b in range(k):
-            h = chunks[b]
-            for layer in list(self.layers)[1:]:
+            h = x
+            for layer in self.layers:
                 if isinstance(layer, nn.Conv2d):
                     n = layer.out_channels // k
                     h = F.conv2d(h, layer.weight[b * n:(b + 1) * n], None, layer.stride, layer.padding)
