@@ -2,10 +2,10 @@
 split (less the validation split), one seed, and report test accuracy and seconds per epoch.
 
     PYTHONPATH=. python bench/probe_scale.py --dataset fashion-mnist --data-dir /work/shared/data \
-        --epochs 2 --model 'student=cnn:width=6,depth=1,stages=3' --model 'v1=uste_v1:width=8,depth=1' \
+        --epochs 2 --model 'student=cnn:width=6;depth=1;stages=3' --model 'v1=uste_v1:width=8;depth=1' \
         --out /tmp/probe.json
 
-Each --model is label=registry_name:key=value,... (values parsed as YAML). The machine's load average
+Each --model is label=registry_name:key=value;... (values parsed as YAML). The machine's load average
 is recorded: per-epoch seconds under load are upper bounds for an idle machine.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def parse_model(text: str):
     label, rest = text.split("=", 1)
     name, _, kw = rest.partition(":")
     kwargs = {}
-    for item in filter(None, kw.split(",")):
+    for item in filter(None, kw.split(";")):
         k, v = item.split("=", 1)
         kwargs[k] = yaml.safe_load(v)
     return label, name, kwargs

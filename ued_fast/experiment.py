@@ -372,7 +372,7 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False) -> dict:
                 r = train_teacher(model, splits, teacher_cfg, augment, o, keep_test_outputs=True)
                 r["entropies"] = claim_rows.teacher_entropies(r["test_outputs"], cfg["kd"])
                 r["entropy"] = soft_target_entropy(r.pop("test_outputs"), T)
-                r["model"] = _describe(spec)
+                r["model"] = _describe({**spec, **{k: v for k, v in (extra_kwargs or {}).items() if k not in spec}})
                 return r
 
             result, model = run("teacher", name, lambda: _build(spec, splits, extra_kwargs), train_fn)
