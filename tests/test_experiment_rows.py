@@ -114,3 +114,20 @@ def test_tiny_experiment_all_rows_report_and_resume(tmp_path):
     again = run_experiment(cfg, tmp_path, resume=True)
     assert again["summary"]["claim"] == results["summary"]["claim"]
     assert render_markdown({**again, "summary": summarize(again) | {"claim": again["summary"]["claim"]}}).count("Verdict") == 1
+
+
+@pytest.mark.parametrize("name,image", [("demo", (1, 8, 8)), ("fashion_mnist_claim", (1, 28, 28)),
+                                        ("cifar10_claim", (3, 32, 32)), ("cifar10", (3, 32, 32))])
+def test_configs_matched_teacher_is_within_10_percent_of_uste_v1(name, image):
+    from ued_fast.models import build_model, count_macs, count_parameters
+
+    cfg = load_config(name)
+    v1_kwargs = {k: v for k, v in cfg["uste_v1"].items() if k not in ("name", "label")}
+    size = {k: v for k, v in v1_kwargs.items() if k in ("width", "depth", "stages")}
+    matched_kwargs = {"cover": cfg["cover"], **size,
+                      **{k: v for k, v in cfg["matched"].items() if k not in ("name", "label")}}
+    v1 = build_model("uste_v1", 10, image[0], image[1], cover=cfg["cover"], **v1_kwargs)
+    matched = build_model(cfg["matched"]["name"], 10, image[0], image[1], **matched_kwargs)
+    for count in (count_parameters, lambda m: count_macs(m, image)):
+        a, b = count(matched), count(v1)
+        assert abs(a - b) / b < 0.10, (name, a, b)

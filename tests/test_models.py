@@ -488,3 +488,13 @@ def test_matched_single_teacher_matches_uste_parameters_and_flops(kwargs, image)
     assert f_u == _conv_macs_by_hand(uste, side, c_in) + uste.head_weight.numel()
     assert f_s == _conv_macs_by_hand(single, side, c_in) + single.head.weight.numel()
     assert uste.body.executor == "auto"  # count_macs restores the executor
+
+
+@pytest.mark.parametrize("widths,depth,image", [((5, 7, 12), 2, (3, 32, 32)), ((20, 36, 72), 1, (1, 28, 28)),
+                                                 ((4, 8), 1, (1, 8, 8))])
+def test_single_cnn_cost_counts_like_the_model(widths, depth, image):
+    from ued_fast.models import SingleCNN, _single_cnn_cost
+
+    model = SingleCNN(10, image[0], image[1], list(widths), [depth] * len(widths))
+    assert _single_cnn_cost(10, image[0], image[1], list(widths), depth) == (count_parameters(model),
+                                                                             count_macs(model, image))

@@ -6,6 +6,7 @@ Every model maps normalized images [N, C_in, H, W] to [N, num_classes] logits of
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -461,12 +462,55 @@ def matched_widths(k: int, width: int, stages: int, scale: float = 1.0) -> list[
 
 
 def _matched_single(num_classes, in_channels, image_size, *, k=None, cover=None, width=BRANCH_WIDTH,
-                    depth=BRANCH_DEPTH, stages=BRANCH_STAGES, scale=1.0):
-    """A single teacher matched to the unified ensemble built from the same kwargs (parameters and
-    FLOPs within 10%, checked by tests/test_models.py)."""
+                    depth=BRANCH_DEPTH, stages=BRANCH_STAGES, scale=None):
+    """A single teacher matched to the unified ensemble built from the same kwargs: parameters and
+    FLOPs within 10% (checked by tests/test_models.py). scale None searches the stage widths (the
+    first stage's width on its own, the later ones doubling) for the smallest worst relative gap;
+    a number gives matched_widths(..., scale) directly."""
     k = _k_of(k, cover, num_classes)
-    widths = matched_widths(k, _positive_int("width", width), _positive_int("stages", stages), scale)
-    return SingleCNN(num_classes, in_channels, image_size, widths, [_positive_int("depth", depth)] * stages)
+    width, depth, stages = (_positive_int(n, v) for n, v in (("width", width), ("depth", depth), ("stages", stages)))
+    if scale is not None:
+        widths = matched_widths(k, width, stages, scale)
+    else:
+        widths = list(_search_matched_widths(num_classes, in_channels, _image_side(image_size), k, width, depth,
+                                             stages))
+    return SingleCNN(num_classes, in_channels, image_size, widths, [depth] * stages)
+
+
+@functools.lru_cache(maxsize=64)
+def _search_matched_widths(num_classes, in_channels, side, k, width, depth, stages) -> tuple[int, ...]:
+    # The ensemble's first conv reads the input into K*w channels at full resolution, so with few
+    # input channels or shallow stages its FLOPs weigh more than its parameters: a wider first stage
+    # than the sqrt(K) rule balances both.
+    ref = UnifiedEnsemble(ConvBody(in_channels, side, [width * 2**i for i in range(stages)], [depth] * stages, groups=k),
+                          [list(range(num_classes))] * k, num_classes)
+    shape = (in_channels, side, side)
+    p_ref, f_ref = count_parameters(ref), count_macs(ref, shape)
+    base = matched_widths(k, width, stages)[0]
+    best = None
+    for b in range(max(1, int(base * 0.8)), int(base * 1.25) + 2):
+        for first in range(max(1, base // 2), 2 * base + 1) if stages > 1 else [b]:
+            widths = [first] + [b * 2**i for i in range(1, stages)]
+            params, macs = _single_cnn_cost(num_classes, in_channels, side, widths, depth)
+            gap = max(abs(params / p_ref - 1), abs(macs / f_ref - 1))
+            if best is None or gap < best[0] - 1e-12:
+                best = (gap, tuple(widths))
+    return best[1]
+
+
+def _single_cnn_cost(num_classes, in_channels, side, widths, depth) -> tuple[int, int]:
+    """(parameters, MACs per image) of SingleCNN, counted layer by layer as ConvBody builds it."""
+    params = macs = 0
+    channels = in_channels
+    for w in widths:
+        for _ in range(depth):
+            params += channels * w * 9 + 2 * w  # conv (no bias) + BatchNorm affine
+            macs += side * side * channels * w * 9
+            channels = w
+        if side >= 4:
+            side //= 2
+    params += channels * num_classes + num_classes
+    return params, macs + channels * num_classes
 
 
 def _single(arch):
