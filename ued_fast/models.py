@@ -51,6 +51,11 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+@torch.compiler.assume_constant_result  # torch.compile: the executor choice is a constant, not traced
+def _cpu_threads() -> int:
+    return torch.get_num_threads()
+
+
 def _batch_norm_slice(layer: nn.BatchNorm2d, h: torch.Tensor, b: int, k: int) -> torch.Tensor:
     """nn.BatchNorm2d on channel block b of k: the same math and the same running-statistics update
     (the statistics' slices are views, updated in place), counted once per batch (at b = 0)."""
@@ -126,7 +131,7 @@ class ConvBody(nn.Module):
         if self.groups == 1:
             return "grouped"
         if self.executor == "auto":
-            return "loop" if device.type == "cpu" and torch.get_num_threads() == 1 else "grouped"
+            return "loop" if device.type == "cpu" and _cpu_threads() == 1 else "grouped"
         return self.executor
 
     def _forward_loop(self, x: torch.Tensor) -> torch.Tensor:
