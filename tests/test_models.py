@@ -498,3 +498,25 @@ def test_single_cnn_cost_counts_like_the_model(widths, depth, image):
     model = SingleCNN(10, image[0], image[1], list(widths), [depth] * len(widths))
     assert _single_cnn_cost(10, image[0], image[1], list(widths), depth) == (count_parameters(model),
                                                                              count_macs(model, image))
+
+
+def test_set_ops_backend_forces_the_grouped_heads_backend(monkeypatch):
+    import ued_fast.models as models_mod
+    from ued_fast.models import set_ops_backend
+
+    seen = []
+    real = models_mod.grouped_heads
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models_mod, "grouped_heads", spy)
+    model = build_model("uste_v1", 10, 1, 8, **SMALL).eval()
+    x = torch.randn(2, 1, 8, 8)
+    default = model(x)
+    set_ops_backend(model, "reference")
+    forced = model(x)
+    assert seen == [None, "reference"]
+    torch.testing.assert_close(forced, default, rtol=1e-5, atol=1e-6)
+    assert set_ops_backend(build_model("student", 10, 1, 8), "reference") is not None  # no heads: a no-op
