@@ -125,7 +125,7 @@ class ConvBody(nn.Module):
 
     def resolved_executor(self, device: torch.device) -> str:
         """'grouped' (one grouped conv per layer) or 'loop' (the K branches one after another on
-        slices of the same weights). 'auto': the loop on a CPU running one intra-op thread (1.4-1.6x
+        slices of the same weights). 'auto': the loop on a CPU running one intra-op thread (1.3-1.6x
         the grouped convs there), grouped convs elsewhere (on 2 CPU threads the loop's small convs
         lose 2-3x; bench/results/cpu_train.md)."""
         if self.groups == 1:
