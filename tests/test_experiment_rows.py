@@ -86,7 +86,7 @@ def test_config_errors_name_the_key(override, match):
 def test_tiny_experiment_all_rows_report_and_resume(tmp_path):
     cfg = load_config("demo", {
         "seeds": [0, 1], "train_subset": 300,
-        "student": {"name": "cnn", "width": 2, "depth": 1, "stages": 2},
+        "student": {"name": "teacher_s", "widths": [2, 4], "depths": [1, 1]},
         "sweep": [{"label": "t", "name": "teacher_s", "widths": [4, 8], "depths": [1, 1]}],
         "generalist": {"name": "generalist_ensemble", "width": 2, "depth": 1, "stages": 2},
         "uste_v1": {"name": "uste_v1", "width": 2, "depth": 1, "stages": 2},
