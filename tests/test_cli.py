@@ -58,12 +58,14 @@ def test_load_config_applies_overrides_and_checks_keys():
         load_config("demo", parse_set(["uste_v1.name=nope"]))
 
 
-@pytest.mark.parametrize("name", ["demo", "mnist", "fashion_mnist", "fashion_mnist_cpu", "cifar10"])
+@pytest.mark.parametrize("name", ["demo", "mnist", "fashion_mnist", "fashion_mnist_cpu", "cifar10",
+                                  "fashion_mnist_claim", "cifar10_claim"])
 def test_packaged_configs_are_valid(name):
     assert name in packaged_configs()
     cfg = load_config(name)
-    assert cfg["kd"] == {"temperature": 4.0, "alpha": 0.9, "backend": None}
-    assert len(cfg["seeds"]) == 3
+    assert {k: cfg["kd"][k] for k in ("temperature", "alpha", "backend")} == {
+        "temperature": 4.0, "alpha": 0.9, "backend": None}
+    assert len(cfg["seeds"]) == (5 if name in ("demo", "fashion_mnist_claim", "cifar10_claim") else 3)
 
 
 def test_cifar10_config_student_is_about_107k_parameters():

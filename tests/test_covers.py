@@ -13,6 +13,7 @@ from ued_fast.covers import (
     cover_counts,
     cover_index,
     load_cover,
+    authors_v2,
     make_cover,
     rfold,
     validate_cover,
@@ -32,11 +33,27 @@ def test_authors_contiguous_c100():
     assert all(list(s) == list(range(s[0], s[-1] + 1)) for s in cover)
 
 
-def test_authors_rfold_c10():
+def test_authors_v2_c10():
     expected = ((0, 1, 2, 3), (1, 2, 3, 4), (4, 5, 6, 7), (6, 7, 8, 9), (0, 5, 8, 9))
-    assert rfold(10) == expected
-    assert rfold(10, r=2, size=4) == expected
+    assert authors_v2(10) == expected
+    assert make_cover("authors_v2", 10) == expected
     assert cover_counts(expected) == [2] * 10
+
+
+def test_authors_v2_c100_is_the_authors_block_cover():
+    r = lambda a, b: list(range(a, b + 1))  # noqa: E731
+    expected = [r(0, 39), r(10, 49), r(40, 79), r(60, 99), r(0, 9) + r(50, 59) + r(80, 99)]
+    assert [list(s) for s in authors_v2(100)] == expected
+    assert cover_counts(authors_v2(100)) == [2] * 100
+    assert authors_v2(100) != rfold(100)  # rfold stays the generic cyclic construction
+    with pytest.raises(ValueError, match="authors_v2"):
+        authors_v2(12)
+
+
+def test_rfold_is_generic_cyclic_windows():
+    # C=10, r=2, size=4: windows start at 0, 2, 4, 6, 8 (not the authors' hand-made cover).
+    assert rfold(10) == ((0, 1, 2, 3), (2, 3, 4, 5), (4, 5, 6, 7), (6, 7, 8, 9), (0, 1, 8, 9))
+    assert cover_counts(rfold(10)) == [2] * 10
 
 
 @pytest.mark.parametrize("c,k,overlap", [(10, 5, 0), (10, 5, 1), (10, 3, 2), (7, 3, 1), (20, 4, 3), (100, 10, 4), (5, 1, 0), (6, 6, 0)])
@@ -130,7 +147,21 @@ def test_confusion_widening_adds_most_confused_outside_class():
     m[1, 4] = 20  # {0, 1} confuses 4 more than anything else outside
     cover = confusion(m, k=3, overlap=1, method="agglomerative")
     assert (0, 1, 4) in cover
-    assert sorted(len(s) for s in cover) == [3, 3, 3]
+    assert (1, 4, 5) in cover  # {4, 5} is confused with 1
+    assert (2, 3) in cover  # {2, 3} confuses no outside class: not widened with a zero-confusion one
+    assert sorted(len(s) for s in cover) == [2, 3, 3]
+
+
+def test_confusion_widening_ties_go_to_the_larger_single_confusion():
+    # Symmetric rates whose rows sum to 1 (so the affinity is m off the diagonal). Clusters {0,1},
+    # {2,3}, {4,5}; {0,1} confuses 2 and 4 equally in total (0.01 + 0.01 = 0.02 = 0.02 + 0) but 4
+    # through one larger confusion: 4 wins, where an index tie-break would pick 2.
+    m = np.zeros((6, 6))
+    for a, b, v in [(0, 1, 0.3), (2, 3, 0.3), (4, 5, 0.3), (0, 4, 0.02), (0, 2, 0.01), (1, 2, 0.01)]:
+        m[a, b] = m[b, a] = v
+    np.fill_diagonal(m, 1 - m.sum(axis=1))
+    cover = confusion(m, k=3, overlap=1, method="agglomerative")
+    assert (0, 1, 4) in cover, cover
 
 
 def test_confusion_accepts_tensor_and_extreme_k():

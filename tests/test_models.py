@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ued_fast.covers import contiguous, rfold
+from ued_fast.covers import authors_v2, contiguous, rfold
 from ued_fast.models import (
     MODELS,
     ConvBody,
+    count_macs,
     GeneralistEnsemble,
     UnifiedEnsemble,
     build_model,
@@ -81,12 +82,14 @@ def _hand_assemble_v2(h, weight, bias, cover, num_classes):
     return torch.log(r / r.sum(dim=1, keepdim=True))
 
 
+@pytest.mark.parametrize("executor", ["grouped", "loop"])
 @pytest.mark.parametrize("name", ["uste_v1", "uste_v2"])
 @pytest.mark.parametrize("train", [True, False])
-def test_unified_equals_separate_branches(name, train):
+def test_unified_equals_separate_branches(name, train, executor):
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
-    model = build_model(name, 10, 3, 8, **SMALL).double()
+    model = build_model(name, 10, 3, 8, executor=executor, **SMALL).double()
+    assert model.body.resolved_executor(torch.device("cpu")) == executor
     _randomize_bn(model, gen)
     model.train(train)
     cover = model.cover
@@ -187,14 +190,23 @@ def test_v2_output_is_normalized_log_distribution_and_matches_hand():
     torch.testing.assert_close(out, _hand_assemble_v2(h, model.head_weight, model.head_bias, cover, 4), rtol=1e-10, atol=1e-10)
 
 
-def test_v2_second_softmax_flattens():
-    cover = rfold(10)
+def test_v2_second_softmax_reads_the_raw_probability_mean():
+    cover = authors_v2(10)
     plain = _small_ensemble(cover, "prob_mean", 10)
     flat = _small_ensemble(cover, "prob_mean", 10, second_softmax=True)
     flat.load_state_dict(plain.state_dict())
     h = torch.randn(9, 5 * 4, dtype=torch.float64) * 5
     p, q = plain.assemble(h), flat.assemble(h)
-    torch.testing.assert_close(q, F.log_softmax(p.exp(), dim=1), rtol=1e-12, atol=1e-12)
+    # The authors: softmax over r_c = mean over covering heads of q_k[c], with q_k the softmax over
+    # head k's classes and its 'other' unit; r is NOT renormalized before the second softmax.
+    u = plain.head_logits(h)
+    raw = torch.zeros(9, 10, dtype=torch.float64)
+    for c in range(10):
+        terms = [torch.softmax(u[:, k, : len(s) + 1], dim=1)[:, s.index(c)] for k, s in enumerate(cover) if c in s]
+        raw[:, c] = sum(terms) / len(terms)
+    assert not torch.allclose(raw.sum(1), torch.ones(9, dtype=torch.float64))  # 'other' mass: r is not normalized
+    torch.testing.assert_close(q, F.log_softmax(raw, dim=1), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(q, F.log_softmax(p.exp(), dim=1), atol=1e-6)  # the renormalized mean differs
     torch.testing.assert_close(torch.logsumexp(q, 1), torch.zeros(9, dtype=torch.float64), rtol=0, atol=1e-12)
     # A softmax of probabilities can't exceed e/(e + C - 1) = 0.232 for C = 10.
     assert q.exp().max() <= math.e / (math.e + 9) + 1e-12
@@ -387,8 +399,124 @@ def test_registry_errors():
 def test_uste_covers_and_kwargs():
     v1 = build_model("uste_v1", 10, 3, 32)
     assert v1.cover == contiguous(10) and v1.body.groups == 5
-    assert build_model("uste_v2", 10, 3, 32).cover == rfold(10)
+    assert build_model("uste_v2", 10, 3, 32).cover == authors_v2(10)
+    assert build_model("uste_v2", 100, 3, 32, width=2, depth=1, stages=1).cover == authors_v2(100)
+    assert build_model("uste_v2", 12, 3, 32, width=2, depth=1, stages=1).cover == rfold(12)
     m = build_model("uste_v1", 100, 3, 32, cover={"name": "contiguous"}, width=4, depth=1, stages=2)
     assert m.cover == contiguous(100) and m.head_weight.shape == (5, 8, 30)
     m = build_model("uste_v2", 10, 3, 32, cover=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0, 9]], width=4)
     assert m.head_weight.shape == (3, 16, 6) and m.body.groups == 3
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_loop_executor_equals_grouped_over_training_steps(momentum):
+    """The CPU branch loop is the grouped network: same outputs, gradients and BN statistics
+    (cumulative-average BN included) after several SGD steps, fp64."""
+    torch.manual_seed(0)
+    grouped = build_model("uste_v1", 10, 3, 8, executor="grouped", **SMALL).double()
+    for m in grouped.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    loop = build_model("uste_v1", 10, 3, 8, executor="loop", **SMALL).double()
+    for m in loop.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    loop.load_state_dict(grouped.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (grouped, loop)]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(5, 3, 8, 8, dtype=torch.float64, generator=gen)
+        y = torch.randint(0, 10, (5,), generator=gen)
+        losses = []
+        for model, opt in zip((grouped, loop), opts):
+            opt.zero_grad()
+            loss, _ = model.training_loss(x, y)
+            loss.backward()
+            opt.step()
+            losses.append(loss)
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=1e-12)
+    for (name, a), b in zip(grouped.state_dict().items(), loop.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(grouped.eval()(x), loop.eval()(x), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="executor"):
+        build_model("uste_v1", 10, 3, 8, executor="threads")
+
+
+def test_joint_generalist_is_v1_with_every_branch_over_all_classes():
+    torch.manual_seed(0)
+    model = build_model("joint_generalist", 10, 3, 8, **SMALL).double()
+    assert isinstance(model, UnifiedEnsemble) and model.mode == "logit_mean"
+    assert model.cover == tuple(tuple(range(10)) for _ in range(5))
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    feats = model.features(x)
+    u = model.head_logits(feats)  # [N, K, C]
+    torch.testing.assert_close(model(x), u.mean(dim=1), rtol=1e-12, atol=1e-12)
+    loss, _ = model.training_loss(x, y)
+    torch.testing.assert_close(loss, F.cross_entropy(u.mean(dim=1), y), rtol=1e-12, atol=1e-12)
+    v1 = build_model("uste_v1", 10, 3, 8, **SMALL)
+    assert model.body.groups == v1.body.groups
+    assert build_model("joint_generalist", 10, 3, 8, cover="authors_v2", **SMALL).body.groups == 5
+
+
+def _conv_macs_by_hand(model, side, in_channels):
+    """MACs of the convs walked layer by layer (3x3, padding 1, pooling halves while side >= 4)."""
+    total, channels, first = 0, in_channels, True
+    body = model.body
+    for width, depth in zip(body.widths, body.depths):
+        for _ in range(depth):
+            out = body.groups * width
+            total += side * side * out * (channels // (1 if first else body.groups)) * 9
+            channels, first = out, False
+        if side >= 4:
+            side //= 2
+    return total
+
+
+@pytest.mark.parametrize("kwargs,image", [({}, (3, 32, 32)), ({"width": 16, "depth": 1}, (1, 28, 28)),
+                                           ({"width": 8, "depth": 1, "stages": 3}, (1, 8, 8)),
+                                           ({"width": 24, "depth": 2, "cover": "authors_v2"}, (3, 32, 32))])
+def test_matched_single_teacher_matches_uste_parameters_and_flops(kwargs, image):
+    c_in, side = image[0], image[1]
+    uste = build_model("uste_v1", 10, c_in, side, **kwargs)
+    single = build_model("matched_single", 10, c_in, side, **kwargs)
+    p_u, p_s = count_parameters(uste), count_parameters(single)
+    f_u, f_s = count_macs(uste, image), count_macs(single, image)
+    assert abs(p_s - p_u) / p_u < 0.10, (p_s, p_u)
+    assert abs(f_s - f_u) / f_u < 0.10, (f_s, f_u)
+    # count_macs against a hand count of the convs plus the heads
+    assert f_u == _conv_macs_by_hand(uste, side, c_in) + uste.head_weight.numel()
+    assert f_s == _conv_macs_by_hand(single, side, c_in) + single.head.weight.numel()
+    assert uste.body.executor == "auto"  # count_macs restores the executor
+
+
+@pytest.mark.parametrize("widths,depth,image", [((5, 7, 12), 2, (3, 32, 32)), ((20, 36, 72), 1, (1, 28, 28)),
+                                                 ((4, 8), 1, (1, 8, 8))])
+def test_single_cnn_cost_counts_like_the_model(widths, depth, image):
+    from ued_fast.models import SingleCNN, _single_cnn_cost
+
+    model = SingleCNN(10, image[0], image[1], list(widths), [depth] * len(widths))
+    assert _single_cnn_cost(10, image[0], image[1], list(widths), depth) == (count_parameters(model),
+                                                                             count_macs(model, image))
+
+
+def test_set_ops_backend_forces_the_grouped_heads_backend(monkeypatch):
+    import ued_fast.models as models_mod
+    from ued_fast.models import set_ops_backend
+
+    seen = []
+    real = models_mod.grouped_heads
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models_mod, "grouped_heads", spy)
+    model = build_model("uste_v1", 10, 1, 8, **SMALL).eval()
+    x = torch.randn(2, 1, 8, 8)
+    default = model(x)
+    set_ops_backend(model, "reference")
+    forced = model(x)
+    assert seen == [None, "reference"]
+    torch.testing.assert_close(forced, default, rtol=1e-5, atol=1e-6)
+    assert set_ops_backend(build_model("student", 10, 1, 8), "reference") is not None  # no heads: a no-op

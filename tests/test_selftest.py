@@ -99,3 +99,16 @@ def test_cuda_device_without_gpu_is_a_usage_error(capsys):
 def test_every_gpu_backend_passes():
     results = selftest.check_backends("cuda")
     assert results and all(r.passed for r in results.values()), {k: r.reason for k, r in results.items() if not r}
+
+
+def test_experiment_refuses_a_backend_that_fails_the_self_check(monkeypatch):
+    from ued_fast import experiment, selftest
+
+    bad = {("kd_loss", "cpp"): selftest.CheckResult(False, 0.5, "kd_loss 1-row case off by 0.5"),
+           ("grouped_heads", "cpp"): selftest.CheckResult(True, 1e-7)}
+    monkeypatch.setattr(selftest, "check_backends", lambda device: bad)
+    with pytest.raises(experiment.ConfigError, match=r"'cpp' kernels failed the self-check.*kd_loss 1-row case"):
+        experiment.refuse_failing_backends(torch.device("cpu"), "cpp")
+    experiment.refuse_failing_backends(torch.device("cpu"), "reference")  # the reference is the spec: no check
+    monkeypatch.setattr(selftest, "check_backends", lambda device: {k: selftest.CheckResult(True, 0.0) for k in bad})
+    experiment.refuse_failing_backends(torch.device("cpu"), None)

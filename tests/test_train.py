@@ -232,6 +232,7 @@ def test_sigkill_mid_run_then_resume_finishes_like_a_straight_run(tmp_path):
 def tiny_experiment_config(**extra):
     over = {
         "seeds": [0, 1], "train_subset": 240, "quiet": True, "device": "cpu",
+        "rows": ["scratch", "sweep", "kd_generalist", "kd_uste_v1", "kd_uste_v2"],
         "student": {"name": "teacher_s", **TINY},
         "sweep": [{"label": "t_small", "name": "teacher_s", "widths": [4, 8], "depths": [1, 1]},
                   {"label": "t_big", "name": "teacher_s", "widths": [8, 16], "depths": [1, 1]}],

@@ -117,6 +117,18 @@ def contiguous(num_classes: int, k: int | None = None, overlap: int | None = Non
     return validate_cover(windows, c, name="contiguous cover")
 
 
+def authors_v2(num_classes: int) -> Cover:
+    """The authors' v2 cover: for C=10 {0-3}, {1-4}, {4-7}, {6-9}, {0,5,8,9} (every class in 2 of 5
+    subsets of 4); for C = 10*m each class b stands for the block b*m..(b+1)*m-1, which gives their
+    C=100 cover {0-39}, {10-49}, {40-79}, {60-99}, {0-9, 50-59, 80-99}. Defined for C a multiple of 10."""
+    c = _check_int("num_classes", num_classes, 1)
+    if c % 10:
+        raise ValueError(f"authors_v2 is defined for num_classes a multiple of 10, got {c} (use rfold)")
+    m = c // 10
+    return validate_cover([[b * m + i for b in s for i in range(m)] for s in AUTHORS_RFOLD_10], c,
+                          name="authors_v2 cover")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -124,8 +136,7 @@ def _divisors(n: int) -> list[int]:
 def rfold(num_classes: int, r: int = 2, size: int | None = None, k: int | None = None) -> Cover:
     """K subsets of `size` classes each, every class in exactly r of them (so K = C*r/size).
 
-    C=10, r=2, size=4: the authors' v2 cover {0-3}, {1-4}, {4-7}, {6-9}, {0,5,8,9}.
-    Otherwise subset j is the cyclic window of `size` classes starting at floor(j*C/K): the starts
+    Generic for every C (the authors' own v2 cover is authors_v2): subset j is the cyclic window of `size` classes starting at floor(j*C/K): the starts
     are evenly spaced with gap size/r, so each class lies in exactly r windows. Give size or k (not
     both); with neither, K is the divisor of C*r in [r, C*r] closest to 5 (ties: the larger).
     """
@@ -151,8 +162,6 @@ def rfold(num_classes: int, r: int = 2, size: int | None = None, k: int | None =
     else:
         k = min((d for d in _divisors(total) if d >= r), key=lambda d: (abs(d - 5), -d))
         size = total // k
-    if (c, r, size) == (10, 2, 4):
-        return AUTHORS_RFOLD_10
     subsets = []
     for j in range(k):
         start = (j * c) // k
@@ -166,8 +175,9 @@ def confusion(confusion_matrix, k: int, overlap: int = 1, *, method: str = "spec
     confusion_matrix [C, C] (row: true class, column: predicted; counts or rates). Rows are
     normalized to rates, the matrix symmetrized and its diagonal dropped; the classes are split
     into k clusters (method 'spectral': normalized-cut spectral clustering, or 'agglomerative':
-    average linkage on 1 - affinity), then each cluster is widened by the `overlap` outside classes
-    it confuses most (ties: the smaller class index). Deterministic.
+    average linkage on 1 - affinity), then each cluster is widened by (at most) the `overlap` outside classes
+    it confuses most, never by a class it does not confuse at all (ties: the larger single
+    confusion with a member, then the smaller class index). Deterministic.
     """
     import numpy as np
 
@@ -192,9 +202,12 @@ def confusion(confusion_matrix, k: int, overlap: int = 1, *, method: str = "spec
     clusters.sort(key=lambda s: s[0])
     widened = []
     for members in clusters:
-        outside = [i for i in range(c) if i not in members]
+        # Only classes the cluster actually confuses (a class of zero confusion adds nothing to
+        # learn); ties in the summed confusion go to the larger single confusion, then the index.
         score = affinity[members].sum(axis=0)
-        extra = sorted(outside, key=lambda i: (-score[i], i))[:overlap]
+        peak = affinity[members].max(axis=0)
+        outside = [i for i in range(c) if i not in members and score[i] > 0]
+        extra = sorted(outside, key=lambda i: (-score[i], -peak[i], i))[:overlap]
         widened.append(tuple(sorted(members + extra)))
     return validate_cover(widened, c, name="confusion cover")
 
@@ -243,7 +256,7 @@ def _cluster(affinity, k: int, method: str):
 
 # --- Files and specs -----------------------------------------------------------------------------
 
-COVER_BUILDERS = {"contiguous": contiguous, "rfold": rfold, "confusion": confusion}
+COVER_BUILDERS = {"contiguous": contiguous, "rfold": rfold, "authors_v2": authors_v2, "confusion": confusion}
 
 
 def _read_structured(path) -> object:

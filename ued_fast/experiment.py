@@ -32,7 +32,9 @@ import torch
 import yaml
 
 from .augment import AugmentConfig
+from . import rows as claim_rows
 from .checkpoint import atomic_write, load_checkpoint, prepare_run_dir, read_run_config, save_json
+from .models import set_ops_backend
 from .train import (CHECKPOINT_NAME, dataset_root, RunOptions, TrainConfig, distill, load_splits, resolve_device,
                     run_provenance, seed_everything, set_deterministic, soft_target_entropy, train_teacher)
 
@@ -56,14 +58,25 @@ DEFAULTS: dict = {
     "generalist": {"name": "generalist_ensemble"},
     "uste_v1": {"name": "uste_v1"},
     "uste_v2": {"name": "uste_v2"},
+    # Built with uste_v1's width/depth/stages unless the spec names its own.
+    "matched": {"name": "matched_single"},  # one CNN with USTE v1's parameters and FLOPs (within 10%)
+    "joint_generalist": {"name": "joint_generalist"},  # v1's joint logit-mean training, no specialization
+    "rows": ["scratch", "sweep", "kd_generalist", "kd_uste_v1", "kd_uste_v2"],  # + kd_matched, kd_joint_generalist
     "cover": "contiguous",  # USTE v1's cover; the generalist gets the same K
-    "cover_v2": "rfold",
+    "cover_v2": "authors_v2",
     "augment": {"crop_padding": 2, "padding_mode": "reflect", "flip": False},
     "train": {f.name: f.default for f in fields(TrainConfig)},  # every student row
     "teacher_train": {},  # overrides of `train` for the teachers
-    "kd": {"temperature": 4.0, "alpha": 0.9, "backend": None},
+    # variant: 'hinton' | 'authors' (ued_fast.distill_losses); views: V fixed augmented views per image
+    # with the teacher outputs cached (ued_fast.teacher_cache; null: fresh augmentation, teacher run
+    # live); select: {temperature: [...], alpha: [...]} chosen per row on validation (ued_fast.rows);
+    # authors: the authors' loss as an ablation, {rows: [...], temperature: [...], lambda: [...]}.
+    "kd": {"temperature": 4.0, "alpha": 0.9, "backend": None, "variant": "hinton", "views": None, "view_seed": 0,
+           "select": None, "authors": None},
+    "ops": {"backend": None},  # 'reference' forces the reference backend of every fused op
 }
-_MODEL_SECTIONS = ("student", "generalist", "uste_v1", "uste_v2")
+_MODEL_SECTIONS = ("student", "generalist", "uste_v1", "uste_v2", "matched", "joint_generalist")
+_ROW_NAMES = ("scratch", "sweep", "kd_matched", "kd_generalist", "kd_joint_generalist", "kd_uste_v1", "kd_uste_v2")
 ROW_TITLES = {
     "scratch": "Student from scratch (CE)",
     "kd_strong": "KD from the strong single teacher",
@@ -71,6 +84,12 @@ ROW_TITLES = {
     "kd_uste_v1": "KD from USTE v1",
     "kd_uste_v2": "KD from USTE v2",
 }
+# Every main row in table order, the rows a config must opt into (`rows`) included.
+ALL_ROW_TITLES = {"scratch": ROW_TITLES["scratch"], "kd_strong": ROW_TITLES["kd_strong"],
+                  "kd_matched": "KD from one teacher matched to USTE v1 (params, FLOPs)",
+                  "kd_generalist": ROW_TITLES["kd_generalist"],
+                  "kd_joint_generalist": "KD from the joint generalist (v1 training, all classes)",
+                  "kd_uste_v1": ROW_TITLES["kd_uste_v1"], "kd_uste_v2": ROW_TITLES["kd_uste_v2"]}
 
 
 class ConfigError(ValueError):
@@ -215,10 +234,31 @@ def check_config(cfg: dict) -> None:
         raise ConfigError(f"'num_threads' must be an int >= 1 or null, got {nt!r}")
     if not isinstance(cfg["dataset"], str):
         raise ConfigError(f"'dataset' must be a dataset name, got {cfg['dataset']!r}")
+    _check_claim_config(cfg)
+
+
+def _check_claim_config(cfg: dict) -> None:
+    from . import rows
+    from ._backend import BACKENDS
+
+    try:
+        rows.check_kd_config(cfg["kd"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not isinstance(cfg["rows"], list) or set(cfg["rows"]) - set(_ROW_NAMES) or "scratch" not in cfg["rows"]:
+        raise ConfigError(f"'rows' must be a list of {list(_ROW_NAMES)} holding 'scratch', got {cfg['rows']!r}")
+    if cfg["ops"]["backend"] not in (None,) + BACKENDS:
+        raise ConfigError(f"'ops.backend' must be null or one of {BACKENDS}, got {cfg['ops']['backend']!r}")
 
 
 def _label(spec: dict) -> str:
     return spec.get("label", spec["name"])
+
+
+def _describe(spec: dict) -> str:
+    """The model of a spec with its own kwargs: 'teacher_s(widths=[8, 16, 32], depths=[1, 1, 1])'."""
+    kwargs = {k: v for k, v in spec.items() if k not in ("name", "label")}
+    return spec["name"] + (f"({', '.join(f'{k}={v}' for k, v in kwargs.items())})" if kwargs else "")
 
 
 def _build(spec: dict, splits, extra: dict | None = None):
@@ -233,7 +273,9 @@ def _build(spec: dict, splits, extra: dict | None = None):
 # --- Provenance -----------------------------------------------------------------------------------
 
 # How a run is executed, not what it computes: these may change between a run and its --resume.
-RUNTIME_KEYS = ("data_dir", "device", "deterministic", "num_threads", "quiet")
+# `seeds` too: each seed's runs live in their own folder (runs/seed<n>) with their own checks, so a
+# resume may add seeds, or run a subset of them in another process.
+RUNTIME_KEYS = ("data_dir", "device", "deterministic", "num_threads", "quiet", "seeds")
 
 
 def experiment_settings(cfg: dict) -> dict:
@@ -299,6 +341,24 @@ def _recorded_settings(out_dir: Path) -> dict | None:
         return None
 
 
+def refuse_failing_backends(device: torch.device, forced_backend: str | None) -> None:
+    """Run the self-check (ued_fast.selftest) for the backend the ops will use on `device` and refuse
+    to train on one that does not match its float64 reference: a GPU run never depends on a kernel that
+    failed on that device. ConfigError names the failing ops and the way out."""
+    from . import available_backends, selftest
+
+    backend = forced_backend or available_backends(device)[0]
+    if backend == "reference":
+        return
+    failing = {key: result for key, result in selftest.check_backends(device).items()
+               if key[1] == backend and not result}
+    if failing:
+        detail = "; ".join(f"{op}: {result.reason or 'mismatch'}" for (op, _), result in sorted(failing.items()))
+        raise ConfigError(f"the {backend!r} kernels failed the self-check on {device} ({detail}); "
+                          f"run `python -m ued_fast.selftest --device {device}` for the table, or "
+                          f"--set ops.backend=reference to train on the reference ops")
+
+
 def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run every row for every seed; write results.json, results.md and the plots into out_dir.
     resume: keep finished runs, continue interrupted ones (refused if the settings differ from the
@@ -315,6 +375,9 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool 
     teacher_cfg = TrainConfig(**{**cfg["train"], **cfg["teacher_train"]})
     augment = AugmentConfig(**cfg["augment"])
     T, alpha, kd_backend = float(cfg["kd"]["temperature"]), float(cfg["kd"]["alpha"]), cfg["kd"]["backend"]
+    kd_backend = cfg["ops"]["backend"] or kd_backend  # ops.backend forces every fused op
+    if device.type == "cuda":
+        refuse_failing_backends(device, cfg["ops"]["backend"])
     root = dataset_root(cfg["data_dir"], cfg["dataset"])
     started = time.time()
     runs: list[dict] = []
@@ -323,6 +386,7 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool 
         splits = load_splits(cfg["dataset"], device, root=root, val_fraction=cfg["val_fraction"], seed=seed,
                              train_subset=cfg["train_subset"])
         seed_dir = out_dir / "runs" / f"seed{seed}"
+        views = claim_rows.student_views(cfg["kd"], augment, splits, seed)
 
         def opts(kind, name, config=None):
             config = {"dataset": cfg["dataset"], "val_fraction": cfg["val_fraction"],
@@ -335,7 +399,7 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool 
             """Train (or, on resume, reload a finished run); returns (result dict, trained model)."""
             o = opts(kind, name, config)
             seed_everything(seed)
-            model = build()
+            model = set_ops_backend(build(), cfg["ops"]["backend"])
             done = o.run_dir / "result.json"
             if resume and done.exists():
                 result = json.loads(done.read_text())
@@ -348,29 +412,39 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool 
             return result, model
 
         def student_row(row, teacher=None, teacher_result=None):
-            def train_fn(model, o):
-                if teacher is None:
-                    return train_teacher(model, splits, student_cfg, augment, o)
-                return distill(model, teacher, splits, student_cfg, augment, o, temperature=T, alpha=alpha,
-                               kd_backend=kd_backend)
+            # Every KD setting of the row (default, validation grid, authors' ablation): one run each,
+            # all from the same initialization, batch order and views (ued_fast.rows).
+            settings = claim_rows.kd_settings(cfg["kd"], row) if teacher is not None else [None]
+            cached = (claim_rows.teacher_outputs_for(teacher, splits, views, seed_dir / "teacher" / teacher_result["name"])
+                      if teacher is not None else None)
+            for setting in settings:
+                def train_fn(model, o, setting=setting):
+                    return claim_rows.train_student(model, splits, student_cfg, augment, o, setting=setting,
+                                                    teacher=teacher, views=views, teacher_outputs=cached,
+                                                    backend=kd_backend)
 
-            extra = {"row": row}
-            config = {"model": cfg["student"]}
-            if teacher_result is not None:
-                extra.update({"teacher": teacher_result["name"], "teacher_test_acc": teacher_result["test_acc"],
-                              "teacher_entropy": teacher_result["entropy"], "teacher_params": teacher_result["params"]})
-                t_dir = seed_dir / "teacher" / teacher_result["name"]
-                config.update(kd={"temperature": T, "alpha": alpha}, teacher={
-                    "label": teacher_result["name"], "run": str(t_dir.relative_to(out_dir)),
-                    "model": (read_run_config(t_dir) or {}).get("model")})
-            result, _ = run("student", row, lambda: _build(cfg["student"], splits), train_fn, extra, config)
-            runs.append(result)
+                extra = {"row": row, "base_row": row}
+                config = {"model": cfg["student"]}
+                if teacher_result is not None:
+                    ent = (teacher_result.get("entropies") or {}).get(setting.variant, {}).get(f"{setting.temperature:g}")
+                    extra.update({"teacher": teacher_result["name"], "teacher_test_acc": teacher_result["test_acc"],
+                                  "teacher_entropy": teacher_result["entropy"], "teacher_params": teacher_result["params"],
+                                  "teacher_entropy_at_T": ent})
+                    t_dir = seed_dir / "teacher" / teacher_result["name"]
+                    config.update(kd={"variant": setting.variant, "temperature": setting.temperature,
+                                      "alpha": setting.alpha, "views": cfg["kd"].get("views")}, teacher={
+                        "label": teacher_result["name"], "run": str(t_dir.relative_to(out_dir)),
+                        "model": (read_run_config(t_dir) or {}).get("model")})
+                name = row + (setting.suffix() if setting is not None else "")
+                result, _ = run("student", name, lambda: _build(cfg["student"], splits), train_fn, extra, config)
+                runs.append(result)
 
         def teacher_run(name, spec, extra_kwargs=None):
             def train_fn(model, o):
                 r = train_teacher(model, splits, teacher_cfg, augment, o, keep_test_outputs=True)
+                r["entropies"] = claim_rows.teacher_entropies(r["test_outputs"], cfg["kd"])
                 r["entropy"] = soft_target_entropy(r.pop("test_outputs"), T)
-                r["model"] = spec["name"]
+                r["model"] = _describe({**spec, **{k: v for k, v in (extra_kwargs or {}).items() if k not in spec}})
                 return r
 
             result, model = run("teacher", name, lambda: _build(spec, splits, extra_kwargs), train_fn,
@@ -380,14 +454,19 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool 
 
         student_row("scratch")
         strong = _label(cfg["sweep"][-1])
-        for spec in cfg["sweep"]:
+        for spec in cfg["sweep"] if "sweep" in cfg["rows"] else []:
             label = _label(spec)
             t_result, teacher = teacher_run(label, spec)
             student_row("kd_strong" if label == strong else f"kd_{label}", teacher, t_result)
             del teacher
-        for row, section, extra in (("kd_generalist", "generalist", {"cover": cfg["cover"]}),
+        v1_size = {k: v for k, v in cfg["uste_v1"].items() if k in ("width", "depth", "stages")}
+        for row, section, extra in (("kd_matched", "matched", {"cover": cfg["cover"], **v1_size}),
+                                    ("kd_generalist", "generalist", {"cover": cfg["cover"]}),
+                                    ("kd_joint_generalist", "joint_generalist", {"cover": cfg["cover"], **v1_size}),
                                     ("kd_uste_v1", "uste_v1", {"cover": cfg["cover"]}),
                                     ("kd_uste_v2", "uste_v2", {"cover": cfg["cover_v2"]})):
+            if row not in cfg["rows"]:
+                continue
             t_result, teacher = teacher_run(section, cfg[section], extra)
             student_row(row, teacher, t_result)
             del teacher
@@ -398,6 +477,7 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool 
         "sweep": [_label(s) for s in cfg["sweep"]], "runs": runs,
     }
     results["summary"] = summarize(results)
+    results["summary"]["claim"] = claim_rows.claim_summary(results)
     save_json(out_dir / "results.json", results)
     atomic_write(out_dir / "results.md", lambda f: f.write(render_markdown(results)), mode="w")
     plot_results(results, out_dir)
@@ -463,11 +543,11 @@ def render_markdown(results: dict) -> str:
         "teacher params | teacher test acc % | soft-target entropy (nats) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    main_rows = [r for r in ROW_TITLES if r in students]
+    main_rows = [r for r in ALL_ROW_TITLES if r in students]
     for row in main_rows:
         e = students[row]
         teacher = e.get("teacher")
-        title = ROW_TITLES[row] + (f" ({teacher})" if row == "kd_strong" else "")
+        title = ALL_ROW_TITLES[row] + (f" ({teacher})" if row == "kd_strong" else "")
         lines.append(
             f"| {title} | {_pct(e['test_acc'], e['test_acc_std'])} | {_pct(e['val_acc'], e['val_acc_std'])} | "
             f"{e['params']:,} | {e['train_seconds']:.1f} | {teacher or '-'} | "
@@ -491,6 +571,7 @@ def render_markdown(results: dict) -> str:
     for name, t in s["teachers"].items():
         lines.append(f"| {name} | {t['model']} | {t['params']:,} | {_pct(t['test_acc'], t['test_acc_std'])} | "
                      f"{t['entropy']:.3f} | {t['train_seconds']:.1f} |")
+    lines += claim_rows.render_claim_sections(results) + claim_rows.render_all_runs_table(results)
     return "\n".join(lines) + "\n"
 
 
@@ -503,7 +584,7 @@ def plot_results(results: dict, out_dir: Path) -> list[Path]:
     s = results["summary"]
     students = s["students"]
     paths = []
-    rows = [r for r in ROW_TITLES if r in students]
+    rows = [r for r in ALL_ROW_TITLES if r in students]
 
     fig, ax = plt.subplots(figsize=(7, 4))
     means = [100 * students[r]["test_acc"] for r in rows]
@@ -525,7 +606,7 @@ def plot_results(results: dict, out_dir: Path) -> list[Path]:
         n = min(len(c) for c in curves)
         val = np.mean([[e["val_acc"] for e in c[:n]] for c in curves], axis=0)
         # Markers: a 1-epoch run is a single point, which a line alone does not draw.
-        ax.plot(range(1, n + 1), 100 * val, label=row, linestyle="-" if row in ROW_TITLES else ":", marker="o",
+        ax.plot(range(1, n + 1), 100 * val, label=row, linestyle="-" if row in ALL_ROW_TITLES else ":", marker="o",
                 markersize=3)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")

@@ -6,6 +6,7 @@ Every model maps normalized images [N, C_in, H, W] to [N, num_classes] logits of
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -15,6 +16,9 @@ from torch import nn
 
 from .covers import Cover, cover_num_classes, make_cover, validate_cover
 from .ops.grouped_heads import grouped_heads
+
+
+EXECUTORS = ("auto", "grouped", "loop")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -47,6 +51,29 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+@torch.compiler.assume_constant_result  # torch.compile: the executor choice is a constant, not traced
+def _cpu_threads() -> int:
+    return torch.get_num_threads()
+
+
+def _batch_norm_slice(layer: nn.BatchNorm2d, h: torch.Tensor, b: int, k: int) -> torch.Tensor:
+    """nn.BatchNorm2d on channel block b of k: the same math and the same running-statistics update
+    (the statistics' slices are views, updated in place), counted once per batch (at b = 0)."""
+    n = layer.num_features // k
+    sl = slice(b * n, (b + 1) * n)
+    momentum = layer.momentum
+    if layer.training and layer.track_running_stats:
+        if b == 0:
+            layer.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
+            momentum = 1.0 / float(layer.num_batches_tracked)
+    use_batch_stats = layer.training or layer.running_mean is None
+    running_mean = layer.running_mean[sl] if layer.running_mean is not None else None
+    running_var = layer.running_var[sl] if layer.running_var is not None else None
+    return F.batch_norm(h, running_mean, running_var, layer.weight[sl], layer.bias[sl], use_batch_stats,
+                        0.0 if momentum is None else momentum, layer.eps)
+
+
 class ConvBody(nn.Module):
     """A VGG-style CNN: stages of (3x3 conv, BatchNorm, ReLU) x depth, then 2x2 max-pool, then
     global average pooling. widths[i] channels in stage i.
@@ -59,8 +86,11 @@ class ConvBody(nn.Module):
     inputs keep a 2x2 map before the global pool.
     """
 
-    def __init__(self, in_channels: int, image_size, widths: Sequence[int], depths: Sequence[int], groups: int = 1):
+    def __init__(self, in_channels: int, image_size, widths: Sequence[int], depths: Sequence[int], groups: int = 1,
+                 executor: str = "auto"):
         super().__init__()
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         in_channels = _positive_int("in_channels", in_channels)
         groups = _positive_int("groups", groups)
         side = _image_side(image_size)
@@ -91,6 +121,37 @@ class ConvBody(nn.Module):
         self.widths, self.depths = tuple(widths), tuple(depths)
         self.groups = groups
         self.feature_dim = widths[-1]  # per branch
+        self.executor = executor
+
+    def resolved_executor(self, device: torch.device) -> str:
+        """'grouped' (one grouped conv per layer) or 'loop' (the K branches one after another on
+        slices of the same weights). 'auto': the loop on a CPU running one intra-op thread (1.3-1.6x
+        the grouped convs there), grouped convs elsewhere (on 2 CPU threads the loop's small convs
+        lose 2-3x; bench/results/cpu_train.md)."""
+        if self.groups == 1:
+            return "grouped"
+        if self.executor == "auto":
+            return "loop" if device.type == "cpu" and _cpu_threads() == 1 else "grouped"
+        return self.executor
+
+    def _forward_loop(self, x: torch.Tensor) -> torch.Tensor:
+        # Exactly the grouped network: branch b runs every layer with its slice of the weights
+        # (the first conv, groups=1, too: its output slice is branch b's), so each branch's
+        # activations are contiguous tensors of their own, as K separate networks would have.
+        k = self.groups
+        outs = []
+        for b in range(k):
+            h = x
+            for layer in self.layers:
+                if isinstance(layer, nn.Conv2d):
+                    n = layer.out_channels // k
+                    h = F.conv2d(h, layer.weight[b * n:(b + 1) * n], None, layer.stride, layer.padding)
+                elif isinstance(layer, nn.BatchNorm2d):
+                    h = _batch_norm_slice(layer, h, b, k)
+                else:
+                    h = layer(h)
+            outs.append(h.mean(dim=(2, 3)))
+        return torch.cat(outs, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Shape and dtype only (no value reads, so no host sync): torch's own errors here are cryptic.
@@ -99,6 +160,8 @@ class ConvBody(nn.Module):
             raise ValueError(f"images must be [N, {self.in_channels}, H, W], got {got}")
         if not x.is_floating_point():
             raise TypeError(f"images must be floating point (normalized), got {x.dtype}")
+        if self.resolved_executor(x.device) == "loop":
+            return self._forward_loop(x)
         return self.layers(x).mean(dim=(2, 3))
 
     def split(self) -> list["ConvBody"]:
@@ -223,6 +286,13 @@ class UnifiedEnsemble(nn.Module):
         self.head_bias = nn.Parameter(torch.empty(k, width))
         dims = getattr(body, "feature_dims", (d,) * k)
         _init_heads(self.head_weight, self.head_bias, [s + extra for s in sizes], dims)
+        self.ops_backend: str | None = None  # None: grouped_heads picks the best backend
+        index = torch.tensor([list(s_) + [0] * (max(sizes) - len(s_)) for s_ in cover])
+        counts = torch.zeros(self.num_classes)
+        for s_ in cover:
+            counts[list(s_)] += 1
+        self.register_buffer("cover_index", index, persistent=False)
+        self.register_buffer("cover_counts", counts, persistent=False)
         if mode == "prob_mean":
             # local_targets[k, c]: head k's output index for true class c (|S_k|, 'other', if c not in S_k).
             local = torch.tensor([[s.index(c) if c in s else len(s) for c in range(self.num_classes)] for s in cover])
@@ -240,10 +310,23 @@ class UnifiedEnsemble(nn.Module):
 
     def assemble(self, feats: torch.Tensor) -> torch.Tensor:
         w, b = self._heads(feats)
-        out = grouped_heads(feats, w, b, self.cover, mode=self.mode, backend=None)
         if self.second_softmax:
-            out = F.log_softmax(out.exp(), dim=-1)
-        return out
+            # The authors' extra softmax reads the raw mean of the covering heads' probabilities
+            # (it does not sum to 1), not the renormalized one that grouped_heads returns.
+            return F.log_softmax(self.raw_prob_mean(feats), dim=-1).to(feats.dtype)
+        return grouped_heads(feats, w, b, self.cover, mode=self.mode, backend=self.ops_backend)
+
+    def raw_prob_mean(self, feats: torch.Tensor) -> torch.Tensor:
+        """[N, C] r_c = mean over the heads covering c of their probability of c (v2; 'other'
+        units included in each head's softmax, not renormalized over classes)."""
+        if self.mode != "prob_mean":
+            raise ValueError("raw_prob_mean is defined for mode='prob_mean' (v2) only")
+        u = _upcast(self.head_logits(feats)).masked_fill(self.pad_mask, float("-inf"))
+        q = torch.softmax(u, dim=-1)  # [N, K, W]
+        r = q.new_zeros(q.shape[0], self.num_classes)
+        for k, s in enumerate(self.cover):
+            r = r.index_add(1, self.cover_index[k][: len(s)], q[:, k, : len(s)])
+        return r / self.cover_counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.assemble(self.features(x))
@@ -334,17 +417,17 @@ STUDENT_ARCH = ((32, 64, 128), (2, 1, 1))
 STUDENT_SMALL_ARCH = ((16, 32, 64), (1, 1, 1))
 
 
-def _branch_body(in_channels, image_size, k, width, depth, stages) -> ConvBody:
+def _branch_body(in_channels, image_size, k, width, depth, stages, executor="auto") -> ConvBody:
     width, depth, stages = (_positive_int(n, v) for n, v in (("width", width), ("depth", depth), ("stages", stages)))
     widths = [width * 2**i for i in range(stages)]
-    return ConvBody(in_channels, image_size, widths, [depth] * stages, groups=k)
+    return ConvBody(in_channels, image_size, widths, [depth] * stages, groups=k, executor=executor)
 
 
 def _uste(mode, default_cover):
     def build(num_classes, in_channels, image_size, *, cover=default_cover, width=BRANCH_WIDTH,
-              depth=BRANCH_DEPTH, stages=BRANCH_STAGES, second_softmax=False):
+              depth=BRANCH_DEPTH, stages=BRANCH_STAGES, second_softmax=False, executor="auto"):
         cover = make_cover(cover, num_classes)
-        body = _branch_body(in_channels, image_size, len(cover), width, depth, stages)
+        body = _branch_body(in_channels, image_size, len(cover), width, depth, stages, executor)
         kwargs = {"second_softmax": second_softmax} if mode == "prob_mean" else {}
         if mode != "prob_mean" and second_softmax:
             raise ValueError("second_softmax is a uste_v2 option")
@@ -353,13 +436,86 @@ def _uste(mode, default_cover):
     return build
 
 
-def _generalist(num_classes, in_channels, image_size, *, k=None, cover=None, width=BRANCH_WIDTH,
-                depth=BRANCH_DEPTH, stages=BRANCH_STAGES):
-    # K follows the USTE cover when one is named, so configs can pass the same kwargs to both.
+def _k_of(k, cover, num_classes) -> int:
+    # K follows the USTE cover when one is named, so configs can pass the same kwargs to every ensemble.
     if k is None:
         k = len(make_cover(cover if cover is not None else "contiguous", num_classes))
-    body = _branch_body(in_channels, image_size, _positive_int("k", k), width, depth, stages)
+    return _positive_int("k", k)
+
+
+def _generalist(num_classes, in_channels, image_size, *, k=None, cover=None, width=BRANCH_WIDTH,
+                depth=BRANCH_DEPTH, stages=BRANCH_STAGES, executor="auto"):
+    body = _branch_body(in_channels, image_size, _k_of(k, cover, num_classes), width, depth, stages, executor)
     return GeneralistEnsemble(body, num_classes)
+
+
+def _joint_generalist(num_classes, in_channels, image_size, *, k=None, cover=None, width=BRANCH_WIDTH,
+                      depth=BRANCH_DEPTH, stages=BRANCH_STAGES, executor="auto"):
+    """USTE v1's structure and training (one CE on the logit mean of the heads) with every branch
+    over all classes: it separates the effect of specialization from that of the joint training."""
+    k = _k_of(k, cover, num_classes)
+    body = _branch_body(in_channels, image_size, k, width, depth, stages, executor)
+    return UnifiedEnsemble(body, [list(range(num_classes))] * k, num_classes, mode="logit_mean")
+
+
+def matched_widths(k: int, width: int, stages: int, scale: float = 1.0) -> list[int]:
+    """Stage widths of one plain CNN with about the parameters and FLOPs of K branches of `width`:
+    both grow with the square of the width (conv weights and MACs are width_in * width_out), so the
+    single network is sqrt(K) times wider (times `scale`, for fine matching)."""
+    base = max(1, round(width * math.sqrt(k) * scale))
+    return [base * 2**i for i in range(stages)]
+
+
+def _matched_single(num_classes, in_channels, image_size, *, k=None, cover=None, width=BRANCH_WIDTH,
+                    depth=BRANCH_DEPTH, stages=BRANCH_STAGES, scale=None):
+    """A single teacher matched to the unified ensemble built from the same kwargs: parameters and
+    FLOPs within 10% (checked by tests/test_models.py). scale None searches the stage widths (the
+    first stage's width on its own, the later ones doubling) for the smallest worst relative gap;
+    a number gives matched_widths(..., scale) directly."""
+    k = _k_of(k, cover, num_classes)
+    width, depth, stages = (_positive_int(n, v) for n, v in (("width", width), ("depth", depth), ("stages", stages)))
+    if scale is not None:
+        widths = matched_widths(k, width, stages, scale)
+    else:
+        widths = list(_search_matched_widths(num_classes, in_channels, _image_side(image_size), k, width, depth,
+                                             stages))
+    return SingleCNN(num_classes, in_channels, image_size, widths, [depth] * stages)
+
+
+@functools.lru_cache(maxsize=64)
+def _search_matched_widths(num_classes, in_channels, side, k, width, depth, stages) -> tuple[int, ...]:
+    # The ensemble's first conv reads the input into K*w channels at full resolution, so with few
+    # input channels or shallow stages its FLOPs weigh more than its parameters: a wider first stage
+    # than the sqrt(K) rule balances both.
+    ref = UnifiedEnsemble(ConvBody(in_channels, side, [width * 2**i for i in range(stages)], [depth] * stages, groups=k),
+                          [list(range(num_classes))] * k, num_classes)
+    shape = (in_channels, side, side)
+    p_ref, f_ref = count_parameters(ref), count_macs(ref, shape)
+    base = matched_widths(k, width, stages)[0]
+    best = None
+    for b in range(max(1, int(base * 0.8)), int(base * 1.25) + 2):
+        for first in range(max(1, base // 2), 2 * base + 1) if stages > 1 else [b]:
+            widths = [first] + [b * 2**i for i in range(1, stages)]
+            params, macs = _single_cnn_cost(num_classes, in_channels, side, widths, depth)
+            gap = max(abs(params / p_ref - 1), abs(macs / f_ref - 1))
+            if best is None or gap < best[0] - 1e-12:
+                best = (gap, tuple(widths))
+    return best[1]
+
+
+def _single_cnn_cost(num_classes, in_channels, side, widths, depth) -> tuple[int, int]:
+    """(parameters, MACs per image) of SingleCNN, counted layer by layer as ConvBody builds it."""
+    params = macs = 0
+    channels = in_channels
+    for w in widths:
+        for _ in range(depth):
+            params += channels * w * 9 + 2 * w  # conv (no bias) + BatchNorm affine
+            macs += side * side * channels * w * 9
+            channels = w
+        if side >= 4:
+            side //= 2
+    params += channels * num_classes + num_classes
+    return params, macs + channels * num_classes
 
 
 def _single(arch):
@@ -374,15 +530,69 @@ def _cnn(num_classes, in_channels, image_size, *, width=32, depth=2, stages=3):
     return SingleCNN(num_classes, in_channels, image_size, widths, [_positive_int("depth", depth)] * stages)
 
 
+def _default_v2_cover(num_classes: int):
+    # The authors' v2 cover where it is defined (C a multiple of 10), the generic 2-fold one elsewhere.
+    return "authors_v2" if num_classes % 10 == 0 else "rfold"
+
+
+def _uste_v2(num_classes, in_channels, image_size, *, cover=None, **kwargs):
+    cover = _default_v2_cover(num_classes) if cover is None else cover
+    return _uste("prob_mean", None)(num_classes, in_channels, image_size, cover=cover, **kwargs)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "uste_v1": _uste("logit_mean", "contiguous"),
-    "uste_v2": _uste("prob_mean", "rfold"),
+    "uste_v2": _uste_v2,
     "generalist_ensemble": _generalist,
+    "joint_generalist": _joint_generalist,
+    "matched_single": _matched_single,
     **{name: _single(arch) for name, arch in TEACHER_ARCHS.items()},
     "student": _single(STUDENT_ARCH),
     "student_small": _single(STUDENT_SMALL_ARCH),
     "cnn": _cnn,
 }
+
+
+def count_macs(model: nn.Module, input_shape) -> int:
+    """Multiply-accumulates of one forward pass of ONE image of shape [C, H, W]: every convolution
+    (counted on the grouped executor), every linear layer and the ensembles' heads."""
+    bodies = [m for m in model.modules() if isinstance(m, ConvBody)]
+    saved = [b.executor for b in bodies]
+    total = 0
+
+    def conv_hook(module, inputs, output):
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += output[0].numel() * (module.in_channels // module.groups) * kh * kw
+
+    hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    was_training = model.training
+    try:
+        for b in bodies:
+            b.executor = "grouped"
+        p = next(model.parameters())
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, dtype=p.dtype, device=p.device))
+    finally:
+        for h in hooks:
+            h.remove()
+        for b, e in zip(bodies, saved):
+            b.executor = e
+        model.train(was_training)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.numel()
+        elif isinstance(m, (UnifiedEnsemble, GeneralistEnsemble)):
+            total += m.head_weight.numel()
+    return int(total)
+
+
+def set_ops_backend(model: nn.Module, backend: str | None) -> nn.Module:
+    """Force one backend (e.g. 'reference') for the fused ops a model calls (grouped_heads)."""
+    for m in model.modules():
+        if isinstance(m, UnifiedEnsemble):
+            m.ops_backend = backend
+    return model
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size, **kwargs) -> nn.Module:
