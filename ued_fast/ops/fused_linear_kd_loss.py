@@ -353,7 +353,7 @@ def _check_common(op, temperature, alpha, t2_scale, reduction, ignore_index, chu
         raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
 
 
-@torch.compiler.assume_constant_result
+@_backend.constant_under_compile
 def _pick_backend(op: str, backend: str | None, device: str, is_fp64: bool) -> str:
     """A constant for torch.compile: backend discovery imports modules, which dynamo must not trace."""
     device = torch.device(device)
