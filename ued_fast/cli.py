@@ -152,7 +152,7 @@ def _run_experiment(config, sets, seeds, out, resume, overwrite, data_dir, devic
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds (default 0,1,2)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds (default: the config's seeds)."),
     sets: Optional[List[str]] = SetOpt, resume: bool = ResumeOpt, overwrite: bool = OverwriteOpt,
     data_dir: Optional[Path] = DataDirOpt, device: Optional[str] = DeviceOpt, quiet: bool = QuietOpt,
     deterministic: bool = typer.Option(False, "--deterministic"),
