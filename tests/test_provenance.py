@@ -173,7 +173,7 @@ def test_experiment_run_folders_record_teacher_identity(experiment_dir):
     student = json.loads((experiment_dir / "runs/seed0/student/kd_uste_v1" / RUN_CONFIG_NAME).read_text())["config"]
     assert student["teacher"]["run"] == "runs/seed0/teacher/uste_v1"
     assert student["teacher"]["model"]["name"] == "uste_v1" and student["teacher"]["model"]["cover"] == "contiguous"
-    assert student["kd"] == {"temperature": 4.0, "alpha": 0.9} and student["model"]["name"] == "teacher_s"
+    assert student["kd"] == {"variant": "hinton", "temperature": 4.0, "alpha": 0.9, "views": 4} and student["model"]["name"] == "teacher_s"
 
 
 def test_results_and_run_files_are_readable_by_all_under_umask_022(tmp_path):
