@@ -409,9 +409,6 @@ TEACHER_ARCHS = {
     "teacher_l": ((64, 128, 256), (2, 2, 2)),
     "teacher_xl": ((128, 256, 512), (2, 2, 2)),
 }
-# The teacher-strength sweep, smallest first; the "strong single teacher" baseline is the largest.
-TEACHER_SWEEP = tuple(TEACHER_ARCHS)
-STRONG_TEACHER = TEACHER_SWEEP[-1]
 # The student of every experiment row: ~104k parameters at 32x32x3 / 10 classes (authors: 107k).
 STUDENT_ARCH = ((32, 64, 128), (2, 1, 1))
 STUDENT_SMALL_ARCH = ((16, 32, 64), (1, 1, 1))
@@ -526,6 +523,7 @@ def _single(arch):
 
 
 def _cnn(num_classes, in_channels, image_size, *, width=32, depth=2, stages=3):
+    """A single CNN of `stages` stages, widths width * 2^i: the small student of the claim configs."""
     widths = [_positive_int("width", width) * 2**i for i in range(_positive_int("stages", stages))]
     return SingleCNN(num_classes, in_channels, image_size, widths, [_positive_int("depth", depth)] * stages)
 
