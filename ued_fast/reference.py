@@ -19,6 +19,9 @@ REDUCTIONS = ("none", "sum", "batchmean", "mean")
 # softmax(t / T)), used as they are.
 TEACHER_KINDS = ("logits", "log_probs", "probs", "tempered_probs", "tempered_log_probs")
 MIXES = ("prob", "logit")
+# p: the teacher's tempered distribution, q: the student's. forward_kl = KL(p || q) (Hinton's KD),
+# reverse_kl = KL(q || p), jsd = beta*KL(p || m) + (1-beta)*KL(q || m) with m = beta*p + (1-beta)*q.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 HEAD_MODES = ("logit_mean", "prob_mean")
 
 
@@ -40,6 +43,30 @@ def _reduce(rows: torch.Tensor, valid: torch.Tensor, num_classes: int, reduction
     return total / n_valid.clamp(min=1)
 
 
+def _weighted_log_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """sum_c a_c (log a_c - log b_c) over the last dim, with 0 * log 0 = 0: entries where a is 0 count
+    nowhere, and their gradient is 0, not NaN (a NaN a is not 0, so NaN inputs still make a NaN)."""
+    a = log_a.exp()
+    return (a * torch.where(a == 0, torch.zeros_like(log_a), log_a - log_b)).sum(-1)
+
+
+def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = "forward_kl",
+                    beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence [N] between the teacher's log-distribution log_p and the student's log_q."""
+    if divergence == "forward_kl":
+        return _weighted_log_ratio(log_p, log_q)
+    if divergence == "reverse_kl":
+        return _weighted_log_ratio(log_q, log_p)
+    # log m = logsumexp(log beta + log p, log(1-beta) + log q); beta in {0, 1} drops a side exactly.
+    if beta == 0.0:
+        log_m = log_q
+    elif beta == 1.0:
+        log_m = log_p
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * _weighted_log_ratio(log_p, log_m) + (1.0 - beta) * _weighted_log_ratio(log_q, log_m)
+
+
 def _kd_rows(
     student: torch.Tensor,
     teacher_log_probs: torch.Tensor,
@@ -48,14 +75,14 @@ def _kd_rows(
     alpha: float,
     t2_scale: bool,
     ignore_index: int,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss [N] and row validity [N] for student logits against a tempered teacher distribution."""
+    """Per-row loss [N] and row validity [N] for student logits (tempered by `temperature`) against a
+    tempered teacher distribution."""
     s2 = temperature * temperature if t2_scale else 1.0
     log_q = F.log_softmax(student / temperature, dim=-1)
-    p = teacher_log_probs.exp()
-    # 0 * log 0 = 0: entries where the teacher gives probability 0 contribute nothing (a NaN p is
-    # not 0, so a NaN teacher makes a NaN loss rather than a silent 0).
-    kl = torch.where(p == 0, torch.zeros_like(p), p * (teacher_log_probs - log_q)).sum(-1)
+    kl = divergence_rows(teacher_log_probs, log_q, divergence, beta)
     if target is None:
         return s2 * kl, torch.ones_like(kl, dtype=torch.bool)
     valid = target != ignore_index
@@ -90,18 +117,24 @@ def kd_loss_reference(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     teacher_kind: str = "logits",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    teacher_temperature: float | None = None,
 ) -> torch.Tensor:
-    """DESIGN 2.1. loss = alpha*s2*KL(p || softmax(s/T)) + (1-alpha)*CE(s, y) per row, s2 = T^2 if t2_scale.
+    """DESIGN 2.1. loss = alpha*s2*D(p, q) + (1-alpha)*CE(s, y) per row, q = softmax(s/T), s2 = T^2 if
+    t2_scale, D the `divergence` (see DIVERGENCES; forward_kl is KL(p || q)).
 
-    p is the teacher's tempered distribution (see teacher_log_probs and TEACHER_KINDS).
+    p is the teacher's tempered distribution (see teacher_log_probs and TEACHER_KINDS), tempered by
+    teacher_temperature (default: temperature, the student's).
 
     With target None a row's loss is s2*KL and alpha is unused. Rows whose target is ignore_index
     count nowhere. The loss is float32 (float64 for float64 input); the teacher is a constant.
     """
     cd = compute_dtype(student.dtype)
     s = student.to(cd)
-    log_p = teacher_log_probs(teacher.detach().to(cd), temperature, teacher_kind)
-    rows, valid = _kd_rows(s, log_p, target, temperature, alpha, t2_scale, ignore_index)
+    t_teacher = temperature if teacher_temperature is None else teacher_temperature
+    log_p = teacher_log_probs(teacher.detach().to(cd), t_teacher, teacher_kind)
+    rows, valid = _kd_rows(s, log_p, target, temperature, alpha, t2_scale, ignore_index, divergence, beta)
     return _reduce(rows, valid, student.shape[-1], reduction)
 
 
@@ -142,21 +175,28 @@ def ensemble_kd_loss_reference(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     teacher_kind: str = "logits",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """DESIGN 2.2. kd_loss against the mixture of K teachers, each given as `teacher_kind` (as in kd_loss).
 
     With p_k the tempered distribution of teacher k (softmax(t_k/T) for logits and log-probs,
     softmax(log(t_k)/T) for probs, the given distribution for the tempered kinds) and s_k its log:
     mix='prob': p = sum_k w_k p_k; mix='logit': p = softmax(sum_k w_k s_k) (for logits that is
-    softmax(sum_k w_k t_k / T)). weights None (uniform), [K] or [K, N]; normalized over K.
+    softmax(sum_k w_k t_k / T)). weights None (uniform), [K] or [K, N]; normalized over K. The teachers
+    are tempered by teacher_temperature (default: temperature); divergence and beta as in kd_loss_reference,
+    applied to the mixture p.
     """
     cd = compute_dtype(student.dtype)
     t = teachers if isinstance(teachers, torch.Tensor) else torch.stack(list(teachers))
-    scores, t_apply = teacher_scores(t.detach().to(cd), temperature, teacher_kind)
+    t_teacher = temperature if teacher_temperature is None else teacher_temperature
+    scores, t_apply = teacher_scores(t.detach().to(cd), t_teacher, teacher_kind)
     k, n = t.shape[0], t.shape[1]
     w = normalize_ensemble_weights(weights, k, n, t.device, cd)
     log_p = ensemble_log_probs(scores, w, t_apply, mix)
-    rows, valid = _kd_rows(student.to(cd), log_p, target, temperature, alpha, t2_scale, ignore_index)
+    rows, valid = _kd_rows(student.to(cd), log_p, target, temperature, alpha, t2_scale, ignore_index,
+                           divergence, beta)
     return _reduce(rows, valid, student.shape[-1], reduction)
 
 
