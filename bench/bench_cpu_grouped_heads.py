@@ -6,6 +6,7 @@ addmm on the equivalent block-structured [K*D, C] matrix (the GEMM floor DESIGN 
 prob_mean it is only the linear part, a lower bound, not an equivalent).
 
     python bench/bench_cpu_grouped_heads.py        # runs, writes bench/results/cpu_grouped_heads.{json,md}
+                                                    # (the table by bench/report.py)
     python -m pytest bench/bench_cpu_grouped_heads.py --benchmark-only   # just run
 
 Threads: UED_BENCH_THREADS (default 1: the 2-core benchmark machine is shared with other jobs, and
@@ -13,11 +14,8 @@ Threads: UED_BENCH_THREADS (default 1: the 2-core benchmark machine is shared wi
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 
 import pytest
@@ -26,6 +24,9 @@ import torch
 import ued_fast
 from ued_fast.ops.grouped_heads import grouped_heads
 from ued_fast.reference import grouped_heads_reference
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import to_markdown  # noqa: E402  (bench/ is not a package)
 
 torch.set_num_threads(int(os.environ.get("UED_BENCH_THREADS", "1")))
 
@@ -88,62 +89,11 @@ def test_grouped_heads_fwd_bwd(benchmark, impl, mode, d, c):
 
     for _ in range(3):  # warm-up (and compilation)
         step()
-    benchmark.extra_info.update(N=N, K=K, D=d, C=c, mode=mode, impl=impl, threads=torch.get_num_threads())
+    width = max(len(s) for s in COVERS[c]) + (mode == "prob_mean")
+    benchmark.extra_info.update(case=f"{mode} D={d} C={c}", N=N, K=K, D=d, C=c, mode=mode, impl=impl,
+                                threads=torch.get_num_threads(), load_average=os.getloadavg(),
+                                bytes=4 * 2 * (N * K * d + K * d * width + N * c))  # read+write each tensor
     benchmark.pedantic(step, rounds=60, iterations=1, warmup_rounds=2)
-
-
-def _machine():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": int(os.environ.get("UED_BENCH_THREADS", "1")),
-            "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
-
-
-def write_markdown(json_path: str, md_path: str, machine: dict) -> None:
-    with open(json_path) as fh:
-        data = json.load(fh)
-    times = {}
-    for bench in data["benchmarks"]:
-        e = bench["extra_info"]
-        times[(e["mode"], e["D"], e["C"], e["impl"])] = (bench["stats"]["median"] * 1e3, bench["stats"]["min"] * 1e3)
-    lines = [
-        "# grouped_heads, CPU, forward + backward (float32)",
-        "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores (shared with other jobs during the run; "
-        f"load average at the end {tuple(round(x, 1) for x in machine['load_average'] or ())}), "
-        f"{machine['threads']} intra-op thread(s). torch {machine['torch']}, Python {machine['python']}, "
-        f"commit {machine['commit']}, {machine['date']}.",
-        "",
-        f"N={N}, K={K}, authors' contiguous covers. Median (min) milliseconds of one forward+backward over "
-        "60 rounds. `block addmm` is ONE addmm on the block-structured [K*D, C] matrix (for prob_mean only "
-        "the linear part: a floor, not an equivalent). Speed-ups are median ratios.",
-        "",
-        "| mode | D | C | cpp | eager ref | compiled ref | block addmm | cpp vs eager | cpp vs compiled | cpp vs addmm |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for mode in MODES:
-        for d, c in SHAPES:
-            row = [times.get((mode, d, c, impl)) for impl in IMPLS]
-            if any(r is None for r in row):
-                continue
-            cells = [f"{med:.3f} ({mn:.3f})" for med, mn in row]
-            cpp = row[0][0]
-            ratios = [f"{row[i][0] / cpp:.2f}x" for i in (1, 2, 3)]
-            lines.append(f"| {mode} | {d} | {c} | " + " | ".join(cells + ratios) + " |")
-    lines.append("")
-    with open(md_path, "w") as fh:
-        fh.write("\n".join(lines))
 
 
 if __name__ == "__main__":
@@ -153,11 +103,9 @@ if __name__ == "__main__":
                       f"--benchmark-json={json_path}", "--benchmark-columns=min,median,mean,stddev,rounds"])
     if rc != 0:
         sys.exit(rc)
-    machine = _machine()
     with open(json_path) as fh:
-        data = json.load(fh)
-    data["ued_fast_machine"] = machine
-    with open(json_path, "w") as fh:
-        json.dump(data, fh, indent=1)
-    write_markdown(json_path, os.path.join(RESULTS, "cpu_grouped_heads.md"), machine)
-    print(open(os.path.join(RESULTS, "cpu_grouped_heads.md")).read())
+        report = to_markdown(json.load(fh), baseline="reference_eager",
+                             title="grouped_heads, CPU, forward + backward (float32)")
+    with open(os.path.join(RESULTS, "cpu_grouped_heads.md"), "w") as fh:
+        fh.write(report)
+    print(report)

@@ -1,5 +1,6 @@
 """kd_loss forward+backward on CPU, float32: the C++ kernel ('cpp') against the eager reference and
-torch.compile of the reference (DESIGN 4: 'cpp' >= 4x eager at [4096, 1000] on 2 cores).
+torch.compile of the reference (DESIGN 4: 'cpp' >= 4x eager at [4096, 1000] on 2 cores), for every
+divergence (reverse_kl and jsd on the two large shapes).
 
 Run (and turn the JSON into the Markdown table):
     PYTHONPATH=$PWD python -m pytest bench/bench_cpu_kd_loss.py --benchmark-only \
@@ -20,18 +21,21 @@ from ued_fast.reference import kd_loss_reference
 
 SHAPES = [(512, 10), (512, 100), (4096, 1000), (1024, 32000)]
 IMPLS = ["cpp", "eager", "compiled"]
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+LARGE_SHAPES = SHAPES[2:]  # the other divergences are timed on these only
 KW = dict(temperature=4.0, alpha=0.9)
 _compiled = {}
 
 
-def _loss_fn(impl):
+def _loss_fn(impl, divergence):
+    kw = dict(KW, divergence=divergence)
     if impl == "cpp":
-        return lambda s, t, y: ued_fast.kd_loss(s, t, y, backend="cpp", **KW)
+        return lambda s, t, y: ued_fast.kd_loss(s, t, y, backend="cpp", **kw)
     if impl == "eager":
-        return lambda s, t, y: kd_loss_reference(s, t, y, **KW)
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(lambda s, t, y: kd_loss_reference(s, t, y, **KW), dynamic=False)
-    return _compiled["fn"]
+        return lambda s, t, y: kd_loss_reference(s, t, y, **kw)
+    if divergence not in _compiled:
+        _compiled[divergence] = torch.compile(lambda s, t, y: kd_loss_reference(s, t, y, **kw), dynamic=False)
+    return _compiled[divergence]
 
 
 def _rounds(n, c):
@@ -48,16 +52,19 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n,c", SHAPES, ids=[f"{n}x{c}" for n, c in SHAPES])
-def test_kd_loss_fwd_bwd(benchmark, impl, n, c, threads):
+def test_kd_loss_fwd_bwd(benchmark, impl, n, c, divergence, threads):
     if impl == "cpp" and "cpp" not in ued_fast.available_backends("cpu"):
         pytest.skip("ued_fast._C not built")
+    if divergence != "forward_kl" and (n, c) not in LARGE_SHAPES:
+        pytest.skip("the other divergences are timed on the large shapes only")
     g = torch.Generator().manual_seed(0)
     student = torch.randn(n, c, generator=g).requires_grad_()
     teacher = torch.randn(n, c, generator=g)
     target = torch.randint(0, c, (n,), generator=g)
-    loss_fn = _loss_fn(impl)
+    loss_fn = _loss_fn(impl, divergence)
 
     def step():
         student.grad = None
@@ -65,9 +72,10 @@ def test_kd_loss_fwd_bwd(benchmark, impl, n, c, threads):
 
     for _ in range(2):  # warm-up (compilation for 'compiled')
         step()
-    benchmark.group = f"kd_loss fwd+bwd {n}x{c}, {threads} thread(s)"
+    label = "" if divergence == "forward_kl" else f" {divergence}"
+    benchmark.group = f"kd_loss{label} fwd+bwd {n}x{c}, {threads} thread(s)"
     benchmark.extra_info.update(
-        case=f"{n}x{c}, {threads} thr", impl=impl, dtype="float32", bytes=n * c * 12,
+        case=f"{n}x{c}{label}, {threads} thr", impl=impl, divergence=divergence, dtype="float32", bytes=n * c * 12,
         load_average=os.getloadavg(), threads=threads,
     )
     benchmark.pedantic(step, rounds=_rounds(n, c), warmup_rounds=1, iterations=1)
