@@ -57,13 +57,11 @@ def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = 
         return _weighted_log_ratio(log_p, log_q)
     if divergence == "reverse_kl":
         return _weighted_log_ratio(log_q, log_p)
-    # log m = logsumexp(log beta + log p, log(1-beta) + log q); beta in {0, 1} drops a side exactly.
-    if beta == 0.0:
-        log_m = log_q
-    elif beta == 1.0:
-        log_m = log_p
-    else:
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    if beta in (0.0, 1.0):
+        # m is q (or p): the weighted side is KL(q || q) = 0 and the other has weight 0. Zero rows that
+        # stay in the graph and still carry a NaN input (0 * inf would make a NaN where q = 0 < p).
+        return 0.0 * torch.where(torch.isinf(log_q), torch.zeros_like(log_q), log_q).sum(-1)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     return beta * _weighted_log_ratio(log_p, log_m) + (1.0 - beta) * _weighted_log_ratio(log_q, log_m)
 
 
