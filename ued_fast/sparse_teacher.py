@@ -189,6 +189,16 @@ def _divergence_rows(log_p, log_q, divergence, beta):
     return divergence_rows(log_p, log_q, divergence, beta)
 
 
+def _lse_keep_exp(x: torch.Tensor):
+    """(logsumexp(x) [rows, 1], x overwritten with exp(x - rowmax), its row sum): one pass for the max,
+    one for the exponential, one for the sum. A row of -inf gives -inf, zeros and 0."""
+    top = x.amax(dim=-1, keepdim=True)
+    top = torch.where(top == -math.inf, torch.zeros_like(top), top)
+    e = x.sub_(top).exp_()
+    total = e.sum(dim=-1, keepdim=True)
+    return top + total.log(), e, total
+
+
 def _log_q_grads(log_p, log_q, divergence, beta):
     """h_a = dD/dlog q_a for the (k+1)-category divergence D(p, q) (0 where q_a = 0, except forward_kl)."""
     q = log_q.exp()
@@ -221,34 +231,38 @@ class _SparseKDFunction(torch.autograd.Function):
             s = student[r0:r1].to(cd)
             idx, lv, lp = indices[r0:r1], live[r0:r1], log_p[r0:r1]
             z = s * inv_t
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            log_q_k = torch.where(lv, z.gather(-1, idx) - lse, neg_inf)
-            # The student's mass off the support, without cancellation: its support entries set to -inf
-            # (padding entries keep their value: amin with +inf).
+            z_k = z.gather(-1, idx)
+            # The student's logits off the support: its support entries set to -inf (padding entries keep
+            # their value: amin with +inf), so that its mass there is a sum, never 1 - sum(q_k).
             off = z.scatter_reduce(-1, idx, torch.where(lv, neg_inf, -neg_inf), reduce="amin")
-            lse_off = torch.logsumexp(off, dim=-1, keepdim=True)
-            log_q = torch.cat([log_q_k, lse_off - lse], dim=-1)
+            # z and off become their exponentials (shifted by the row max), kept for the gradient.
+            lse, e, e_sum = _lse_keep_exp(z)
+            lse_off, e_off, e_off_sum = _lse_keep_exp(off)
+            log_q = torch.cat([torch.where(lv, z_k - lse, neg_inf), lse_off - lse], dim=-1)
             rows = kd_coef * _divergence_rows(lp, log_q, divergence, beta)
+            keep = torch.ones_like(lse, dtype=torch.bool)
             if target is not None:
-                y, v = target[r0:r1, None], valid[r0:r1, None]
-                safe_y = torch.where(v, y, torch.zeros_like(y))
-                lse1 = torch.logsumexp(s, dim=-1, keepdim=True)
-                rows = torch.where(v[:, 0], rows + ce_coef * (lse1 - s.gather(-1, safe_y))[:, 0],
+                keep = valid[r0:r1, None]
+                safe_y = torch.where(keep, target[r0:r1, None], torch.zeros_like(target[r0:r1, None]))
+                lse1, e1, e1_sum = (lse, e, e_sum) if inv_t == 1.0 else _lse_keep_exp(s.clone())
+                rows = torch.where(keep[:, 0], rows + ce_coef * (lse1 - s.gather(-1, safe_y))[:, 0],
                                    torch.zeros_like(rows))
             rows_out[r0:r1] = rows
             if not compute_grad:
                 continue
             h = _log_q_grads(lp, log_q, divergence, beta)
             # With q_rest the student's mass off the support: dD/dz_j = h_j - q_j H on the support and
-            # h_rest q_j / q_rest - q_j H off it (H = sum_a h_a). q_j / q_rest is a softmax over the
-            # off-support logits, so a vanishing q_rest never divides.
-            lse_off = torch.where(lse_off == -math.inf, torch.zeros_like(lse_off), lse_off)
+            # h_rest q_j / q_rest - q_j H off it (H = sum_a h_a). q_j = e_j / sum(e) and q_j / q_rest =
+            # e_off_j / sum(e_off): per-row factors times the kept exponentials, so a vanishing q_rest
+            # never divides. Ignored rows get factor 0.
             c_kd = kd_coef * inv_t
-            g = torch.exp(z - lse) * (-c_kd * h.sum(-1, keepdim=True)) + torch.exp(off - lse_off) * (c_kd * h[:, -1:])
-            g = g.scatter_add(-1, idx, torch.where(lv, c_kd * h[:, :-1], torch.zeros_like(lp[:, :-1])))
+            zero = torch.zeros_like(lse)
+            g = e * torch.where(keep, -c_kd * h.sum(-1, keepdim=True) / e_sum, zero)
+            g.addcmul_(e_off, torch.where(keep & (e_off_sum > 0), c_kd * h[:, -1:] / e_off_sum, zero))
+            g.scatter_add_(-1, idx, torch.where(lv & keep, c_kd * h[:, :-1], torch.zeros_like(lp[:, :-1])))
             if target is not None:
-                g = (g + ce_coef * torch.exp(s - lse1)).scatter_add(-1, safe_y, torch.full_like(lse1, -ce_coef))
-                g = torch.where(v, g, torch.zeros_like(g))
+                g.addcmul_(e1, torch.where(keep, ce_coef / e1_sum, zero))
+                g.scatter_add_(-1, safe_y, torch.where(keep, -ce_coef, zero))
             grad[r0:r1] = g
         if compute_grad:
             ctx.save_for_backward(grad)
