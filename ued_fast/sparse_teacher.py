@@ -1,0 +1,311 @@
+"""Knowledge distillation from a sparse (top-k) teacher: k stored (index, value) pairs per row.
+
+Offline distillation of large vocabularies stores only the teacher's top-k entries per token. The
+convention here is DistillKit's (distillkit/lossfuncs/common.py get_logprobs / get_target_logprobs,
+distillkit/lossfuncs/kl.py sparse_kl_div, distillkit/lossfuncs/jsd.py sparse_js_div):
+
+- The student's side is its FULL-vocabulary distribution q = softmax(student / T), read at the k
+  indices (log q_j = z_j - logsumexp(z), z = student / T); it is not renormalized over the k entries.
+- The teacher's stored values are log-probabilities ('log_probs', DistillKit's default) or logits
+  ('logits'). Temperature is applied AFTER the top-k: p = softmax(values / teacher_temperature) over
+  the stored entries. (DistillKit states it as values * T_gen / T for log-probs stored at a generation
+  temperature T_gen: that is teacher_temperature = T / T_gen here; with T_gen = 1 it is T.)
+- The mass outside the top-k, `convention`:
+  'zero' (DistillKit's default, MissingProbabilityHandling.ZERO): the teacher puts none there; its
+      k values are renormalized to sum to 1. The student's mass outside the top-k still counts where
+      the divergence sees it (JSD: KL(q || m) there is q_rest * log(1 / (1 - beta))). reverse_kl is
+      +inf under this convention whenever the student has any mass outside the top-k, and is rejected.
+  'symmetric_uniform' (MissingProbabilityHandling.SYMMETRIC_UNIFORM, log-probs only): the teacher's
+      missing mass 1 - sum(exp(values)) is one more category, 'rest', tempered with the others; the
+      student's 'rest' is its mass outside the k indices. The divergence is then taken between the two
+      (k+1)-category distributions, which equals the full-vocabulary divergence when both spread their
+      'rest' mass alike over the missing indices (DistillKit's assumption). A missing mass within the
+      rounding error of the k-term sum (or a sum above 1) is 0; DistillKit instead clamps the sum below
+      1 - 1e-6 and drops missing masses under 1e-6, which differs from this by at most ~1e-5 per row.
+  Under both, the divergence is the one of the contract (forward_kl, reverse_kl, jsd with beta) between
+  the (k+1)-category distributions (teacher: k stored entries + 'rest', 0 under 'zero'; student: its
+  mass at the k indices + the mass elsewhere). DistillKit's own sparse JSD is beta = 0.5.
+- Padding: an entry whose value is -inf holds no teacher mass and is not part of the support (pad a row
+  with any in-range index and value -inf). Duplicate indices among the finite entries are an error
+  (DistillKit does not check them; they would count the student's mass at that index twice). The check
+  reads the indices, so it runs for CPU tensors only (as ued_fast's target check does).
+
+sparse_kd_loss_reference densifies the student's side and is the spec; sparse_kd_loss never makes a
+dense [N, C] teacher: it works on [N, k] gathers, the student's row log-sum-exp and the 'rest' mass, in
+row blocks, and writes the gradient (the one [N, C] tensor it makes) in the forward pass.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .ops import _checks
+from .ops.kd_loss import reduction_scale
+from .reference import DIVERGENCES, REDUCTIONS, _reduce, compute_dtype, divergence_rows
+
+OP = "sparse_kd_loss"
+CONVENTIONS = ("zero", "symmetric_uniform")
+VALUE_KINDS = ("log_probs", "logits")
+# The fast path works on blocks of rows with at most this many student elements, so its temporaries
+# stay [rows, C] however large N is.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0 (x >= 0 gives -inf), accurate at both ends."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def teacher_log_probs_ext(values: torch.Tensor, live: torch.Tensor, teacher_temperature: float,
+                          convention: str) -> torch.Tensor:
+    """[N, k+1] teacher log-probabilities: the k stored entries (-inf where padded), then 'rest'."""
+    scores = torch.where(live, values, torch.full_like(values, -math.inf))
+    if convention == "zero":
+        rest = torch.full_like(scores[:, :1], -math.inf)
+    else:
+        log_total = torch.logsumexp(scores, dim=-1, keepdim=True)
+        # A missing mass within the rounding error of the k-term sum is noise, not mass: 0 (otherwise a
+        # full top-k, k = C, would give the teacher ~1e-16 where the student has exactly none).
+        noise = math.log1p(-scores.shape[-1] * torch.finfo(scores.dtype).eps)
+        rest = torch.where(log_total >= noise, torch.full_like(log_total, -math.inf), _log1mexp(log_total))
+    return F.log_softmax(torch.cat([scores, rest], dim=-1) / teacher_temperature, dim=-1)
+
+
+def _check_args(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index,
+                convention, values_kind, divergence, beta, teacher_temperature) -> None:
+    _checks.check_tensor(OP, "student", student, dims=2, floating=True)
+    if student.shape[0] == 0 or student.shape[1] == 0:
+        raise ValueError(f"{OP}: student must be a non-empty [N, C] tensor, got shape {tuple(student.shape)}")
+    _checks.check_tensor(OP, "indices", indices, dims=2)
+    if indices.dtype != torch.int64:
+        raise TypeError(f"{OP}: indices must be int64, got {indices.dtype}")
+    if indices.shape[0] != student.shape[0] or indices.shape[1] == 0:
+        raise ValueError(f"{OP}: indices must be [N, k] = [{student.shape[0]}, k >= 1], got {tuple(indices.shape)}")
+    _checks.check_tensor(OP, "values", values, dims=2, floating=True)
+    if values.shape != indices.shape:
+        raise ValueError(f"{OP}: values must have the shape of indices {tuple(indices.shape)}, got {tuple(values.shape)}")
+    _checks.check_same_device(OP, "indices", indices, "student", student)
+    _checks.check_same_device(OP, "values", values, "student", student)
+    _checks.check_kd_scalars(OP, temperature, alpha, t2_scale, ignore_index)
+    _checks.check_choice(OP, "reduction", reduction, REDUCTIONS)
+    _checks.check_choice(OP, "convention", convention, CONVENTIONS)
+    _checks.check_choice(OP, "values_kind", values_kind, VALUE_KINDS)
+    _checks.check_choice(OP, "divergence", divergence, DIVERGENCES)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"{OP}: beta must be a number in [0, 1], got {beta!r}")
+    if teacher_temperature is not None and (
+            isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float))
+            or not (math.isfinite(teacher_temperature) and teacher_temperature > 0)):
+        raise ValueError(f"{OP}: teacher_temperature must be None or finite and > 0, got {teacher_temperature!r}")
+    if convention == "symmetric_uniform" and values_kind == "logits":
+        raise ValueError(f"{OP}: convention='symmetric_uniform' needs values_kind='log_probs' (the missing mass "
+                         "1 - sum(p) is undefined for logits of the top-k only)")
+    if divergence == "reverse_kl" and convention == "zero":
+        raise ValueError(f"{OP}: divergence='reverse_kl' is +inf under convention='zero' (the teacher has no mass "
+                         "outside its top-k where the student has some); use convention='symmetric_uniform'")
+    _checks.check_target(OP, target, student, ignore_index)
+    if indices.device.type == "cpu" and not _checks._is_fake(indices):
+        _check_index_values(indices, values, student.shape[1])
+
+
+def _check_index_values(indices: torch.Tensor, values: torch.Tensor, num_classes: int) -> None:
+    """Indices in [0, C); no index twice among a row's finite (non-padding) entries."""
+    bad = (indices < 0) | (indices >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(f"{OP}: indices holds {int(indices[bad][0])}, outside [0, {num_classes})")
+    live = values > -math.inf
+    k = indices.shape[1]
+    # Padding entries get distinct negative keys so that they never collide.
+    keys = torch.where(live, indices, -1 - torch.arange(k, device=indices.device)).sort(dim=-1).values
+    dup = (keys[:, 1:] == keys[:, :-1]) & (keys[:, 1:] >= 0)
+    if bool(dup.any()):
+        row = int(dup.any(dim=-1).nonzero()[0])
+        raise ValueError(f"{OP}: indices repeats a class in row {row} among entries with finite values "
+                         "(pad with value -inf instead)")
+
+
+def _prepare(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index, convention,
+             values_kind, divergence, beta, teacher_temperature):
+    """Checks, then (compute dtype, live entries [N, k], teacher log-probs [N, k+1], kd_coef, ce_coef)."""
+    _check_args(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index,
+                convention, values_kind, divergence, beta, teacher_temperature)
+    cd = compute_dtype(student.dtype)
+    live = values > -math.inf
+    t_teacher = temperature if teacher_temperature is None else teacher_temperature
+    log_p = teacher_log_probs_ext(values.detach().to(cd), live, t_teacher, convention)
+    s2 = temperature * temperature if t2_scale else 1.0
+    kd_coef, ce_coef = (alpha * s2, 1.0 - alpha) if target is not None else (s2, 0.0)
+    return cd, live, log_p, kd_coef, ce_coef
+
+
+def sparse_kd_loss_reference(
+    student: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    t2_scale: bool = True,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    convention: str = "zero",
+    values_kind: str = "log_probs",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    teacher_temperature: float | None = None,
+) -> torch.Tensor:
+    """The spec (see the module docstring): per row alpha*s2*D(p, q) + (1-alpha)*CE(student, target), D
+    between the teacher's (k+1)-category distribution and the student's, differentiated by autograd.
+
+    The student's (k+1) categories are read off its dense log-softmax: log q at the k indices, and the
+    log-sum-exp of log q over a dense mask of the other classes for 'rest'."""
+    cd, live, log_p, kd_coef, ce_coef = _prepare(
+        student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index, convention,
+        values_kind, divergence, beta, teacher_temperature)
+    s = student.to(cd)
+    n, c = s.shape
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    in_support = torch.zeros(n, c, dtype=cd, device=s.device).scatter_add(-1, indices, live.to(cd)) > 0
+    log_q_rest = torch.logsumexp(log_q.masked_fill(in_support, -math.inf), dim=-1, keepdim=True)
+    log_q_k = torch.where(live, log_q.gather(-1, indices), torch.full_like(log_p[:, :-1], -math.inf))
+    rows = kd_coef * _divergence_rows(log_p, torch.cat([log_q_k, log_q_rest], dim=-1), divergence, beta)
+    if target is None:
+        return _reduce(rows, torch.ones_like(rows, dtype=torch.bool), c, reduction)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    ce = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_target[:, None]).squeeze(-1)
+    rows = torch.where(valid, rows + ce_coef * ce, torch.zeros_like(rows))
+    return _reduce(rows, valid, c, reduction)
+
+
+def _divergence_rows(log_p, log_q, divergence, beta):
+    """divergence_rows, with jsd at beta 0 or 1 exactly 0 (m is then q or p): the (k+1)-category
+    distributions can hold a 0 on one side where the other is not, and 0 * inf would be NaN."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return torch.zeros_like(log_p[:, 0])
+    return divergence_rows(log_p, log_q, divergence, beta)
+
+
+def _lse_keep_exp(x: torch.Tensor):
+    """(logsumexp(x) [rows, 1], x overwritten with exp(x - rowmax), its row sum): one pass for the max,
+    one for the exponential, one for the sum. A row of -inf gives -inf, zeros and 0."""
+    top = x.amax(dim=-1, keepdim=True)
+    top = torch.where(top == -math.inf, torch.zeros_like(top), top)
+    e = x.sub_(top).exp_()
+    total = e.sum(dim=-1, keepdim=True)
+    return top + total.log(), e, total
+
+
+def _log_q_grads(log_p, log_q, divergence, beta):
+    """h_a = dD/dlog q_a for the (k+1)-category divergence D(p, q) (0 where q_a = 0, except forward_kl)."""
+    q = log_q.exp()
+    zero = torch.zeros_like(log_q)
+    if divergence == "forward_kl":
+        return -log_p.exp()
+    if divergence == "reverse_kl":
+        return torch.where(q == 0, zero, q * (log_q - log_p + 1.0))
+    if beta in (0.0, 1.0):  # m is q (or p): D is 0 whatever q is
+        return zero
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return torch.where(q == 0, zero, q * (1.0 - beta) * (log_q - log_m))
+
+
+class _SparseKDFunction(torch.autograd.Function):
+    """Forward: row losses [N] and d row_loss[i] / d student[i] (kept); backward: one multiply by the
+    rows' incoming gradient (which carries the reduction's scale)."""
+
+    @staticmethod
+    def forward(ctx, student, indices, log_p, live, target, valid, inv_t, kd_coef, ce_coef, divergence, beta,
+                compute_grad):
+        cd = log_p.dtype
+        n, c = student.shape
+        rows_out = torch.empty(n, dtype=cd, device=student.device)
+        grad = torch.empty(n, c, dtype=student.dtype, device=student.device) if compute_grad else None
+        block = max(1, min(n, BLOCK_ELEMENTS // c))
+        neg_inf = torch.full((), -math.inf, dtype=cd, device=student.device)
+        for r0 in range(0, n, block):
+            r1 = min(n, r0 + block)
+            s = student[r0:r1].to(cd)
+            idx, lv, lp = indices[r0:r1], live[r0:r1], log_p[r0:r1]
+            z = s * inv_t
+            z_k = z.gather(-1, idx)
+            # The student's logits off the support: its support entries set to -inf (padding entries keep
+            # their value: amin with +inf), so that its mass there is a sum, never 1 - sum(q_k).
+            off = z.scatter_reduce(-1, idx, torch.where(lv, neg_inf, -neg_inf), reduce="amin")
+            # z and off become their exponentials (shifted by the row max), kept for the gradient.
+            lse, e, e_sum = _lse_keep_exp(z)
+            lse_off, e_off, e_off_sum = _lse_keep_exp(off)
+            log_q = torch.cat([torch.where(lv, z_k - lse, neg_inf), lse_off - lse], dim=-1)
+            rows = kd_coef * _divergence_rows(lp, log_q, divergence, beta)
+            keep = torch.ones_like(lse, dtype=torch.bool)
+            if target is not None:
+                keep = valid[r0:r1, None]
+                safe_y = torch.where(keep, target[r0:r1, None], torch.zeros_like(target[r0:r1, None]))
+                lse1, e1, e1_sum = (lse, e, e_sum) if inv_t == 1.0 else _lse_keep_exp(s.clone())
+                rows = torch.where(keep[:, 0], rows + ce_coef * (lse1 - s.gather(-1, safe_y))[:, 0],
+                                   torch.zeros_like(rows))
+            rows_out[r0:r1] = rows
+            if not compute_grad:
+                continue
+            h = _log_q_grads(lp, log_q, divergence, beta)
+            # With q_rest the student's mass off the support: dD/dz_j = h_j - q_j H on the support and
+            # h_rest q_j / q_rest - q_j H off it (H = sum_a h_a). q_j = e_j / sum(e) and q_j / q_rest =
+            # e_off_j / sum(e_off): per-row factors times the kept exponentials, so a vanishing q_rest
+            # never divides. Ignored rows get factor 0.
+            c_kd = kd_coef * inv_t
+            zero = torch.zeros_like(lse)
+            g = e * torch.where(keep, -c_kd * h.sum(-1, keepdim=True) / e_sum, zero)
+            g.addcmul_(e_off, torch.where(keep & (e_off_sum > 0), c_kd * h[:, -1:] / e_off_sum, zero))
+            g.scatter_add_(-1, idx, torch.where(lv & keep, c_kd * h[:, :-1], torch.zeros_like(lp[:, :-1])))
+            if target is not None:
+                g.addcmul_(e1, torch.where(keep, ce_coef / e1_sum, zero))
+                g.scatter_add_(-1, safe_y, torch.where(keep, -ce_coef, zero))
+            grad[r0:r1] = g
+        if compute_grad:
+            ctx.save_for_backward(grad)
+        return rows_out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_rows[:, None].to(grad.dtype),) + (None,) * 11
+
+
+def sparse_kd_loss(
+    student: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    t2_scale: bool = True,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    convention: str = "zero",
+    values_kind: str = "log_probs",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    teacher_temperature: float | None = None,
+) -> torch.Tensor:
+    """sparse_kd_loss_reference without a dense teacher: student [N, C], indices [N, k] int64, values
+    [N, k] (the teacher's top-k log-probs or logits), target None or int64 [N]. Pure PyTorch, any device,
+    no host synchronization on accelerator tensors; the gradient is made in the forward pass. The loss is
+    float32 (float64 for float64 student), the gradient in the student's dtype; values are constants."""
+    cd, live, log_p, kd_coef, ce_coef = _prepare(
+        student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index, convention,
+        values_kind, divergence, beta, teacher_temperature)
+    n, c = student.shape
+    valid = None if target is None else target != ignore_index
+    rows = _SparseKDFunction.apply(_checks.last_dim_contiguous(student), indices, log_p, live, target, valid,
+                                   1.0 / temperature, kd_coef, ce_coef, divergence, float(beta),
+                                   student.requires_grad and torch.is_grad_enabled())
+    if reduction == "none":
+        return rows
+    return rows.sum() * reduction_scale(valid, n, c, reduction, cd, student.device)
