@@ -69,15 +69,19 @@ def _strided_rows(n, c, gen, dtype=torch.float32, scale=3.0, pad=5):
     return wide[:, 2:2 + c]
 
 
+def _strided_target(n, c, gen):
+    """int64 [n] with stride 2; row n // 2 ignored."""
+    y = torch.randint(0, c, (2 * n,), generator=gen)[::2]
+    y[n // 2] = IGNORE
+    return y
+
+
 def _kd_case(n, c, kind, divergence, beta, *, target=True, path="small", dtype=torch.float32, seed=0,
              temperature=2.0, teacher_temperature=3.0, alpha=0.7, s=None, t=None, loss_rtol=2e-5, chunk=None):
     gen = torch.Generator().manual_seed(seed)
     s = _strided_rows(n, c, gen, dtype) if s is None else s
     t = _teacher(n, c, kind, gen) if t is None else t
-    y = None
-    if target:
-        y = torch.randint(0, c, (n,), generator=gen)
-        y[n // 2] = IGNORE
+    y = _strided_target(n, c, gen) if target else None
     kd_coef, ce_coef = (alpha * temperature**2, 1.0 - alpha) if target else (temperature**2, 0.0)
     launch = dict(PATHS[path])
     if chunk is not None and path == "chunked":
@@ -192,11 +196,8 @@ def _ensemble_case(divergence, mix, path, *, target=True, n=5, c=17, k=3, dtype=
     teachers = (torch.randn(n, k, c, generator=gen) * scale).to(dtype).permute(1, 0, 2)  # [K, N, C] view
     w = torch.rand(k, n, generator=gen)
     w[0, 1] = 0.0  # a left-out teacher
-    w = w / w.sum(0)
-    y = None
-    if target:
-        y = torch.randint(0, c, (n,), generator=gen)
-        y[n // 2] = IGNORE
+    w = (w / w.sum(0)).t().contiguous().t()  # [K, N], column-major
+    y = _strided_target(n, c, gen) if target else None
     temperature, teacher_temperature, alpha = 2.0, 1.5, 0.6
     kd_coef, ce_coef = (alpha * temperature**2, 1.0 - alpha) if target else (temperature**2, 0.0)
     rows, grad = ensemble_kd_loss_fwd(s, teachers, w, y, 1.0 / temperature, 1.0 / teacher_temperature, kd_coef,
