@@ -85,6 +85,20 @@ def online_lse(run_max, run_sum, x, axis: tl.constexpr):
 
 
 @triton.jit
+def load_row_target(y_ptr, row, y_stride, ignore_index, n_cols, HAS_TARGET: tl.constexpr):
+    """(y, live, y_ok) of a one-row program: the row is live unless its target is ignore_index, y_ok
+    says the target is a class in [0, n_cols). Without a target: y = 0 and both flags true."""
+    live = row >= 0  # a true scalar tensor
+    y_ok = live
+    y = 0
+    if HAS_TARGET:
+        y = tl.load(y_ptr + row * y_stride)
+        live = y != ignore_index
+        y_ok = (y >= 0) & (y < n_cols)
+    return y, live, y_ok
+
+
+@triton.jit
 def divergence_terms(log_p, log_q, p, q, beta, DIVERGENCE: tl.constexpr):
     """Per-element (d, h) of the divergence (see the module docstring), 0 * log 0 = 0 on every side.
 
@@ -142,6 +156,13 @@ def kd_outputs(student: torch.Tensor, compute_grad: bool) -> tuple[torch.Tensor,
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     grad = torch.empty((n_rows, n_cols) if compute_grad else (0,), dtype=student.dtype, device=student.device)
     return row_loss, grad
+
+
+def check_same_device(op: str, student: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """A clear error naming the first tensor that is not on the student's device (None is skipped)."""
+    for name, x in others.items():
+        if x is not None and x.device != student.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but student is on {student.device}")
 
 
 def check_kd_scalars(op: str, inv_student_temp, inv_teacher_temp, divergence, beta) -> None:

@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MAX_START, check_kd_scalars, divergence_grad, divergence_sums, divergence_terms, kd_outputs,
-                      on_device, online_lse, online_update, to_grad_dtype)
+from ._common import (MAX_START, check_kd_scalars, check_same_device, divergence_grad, divergence_sums,
+                      divergence_terms, kd_outputs, load_row_target, on_device, online_lse, online_update,
+                      to_grad_dtype)
 
 # Largest power-of-two row held in one tile by the multi-row body; longer rows are chunked.
 SMALL_C_MAX = 2048
@@ -171,12 +172,8 @@ def _ens_kd_kernel(
         t_rows = t_ptr + ks[:, None].to(tl.int64) * stride_tk + row * stride_tn
         w = tl.load(w_ptr + ks.to(tl.int64) * stride_wk + row * stride_wn, mask=k_ok, other=0.0).to(tl.float32)
         w_on = k_ok & (w > 0)
-        valid = row >= 0  # a true scalar tensor
-        y_safe = 0
-        if HAS_TARGET:
-            y = tl.load(y_ptr + row * stride_y)
-            valid = y != ignore_index
-            y_safe = tl.where(valid, y, 0)
+        y, valid, _ = load_row_target(y_ptr, row, stride_y, ignore_index, C, HAS_TARGET)
+        y_safe = tl.where(valid, y, 0)
 
         # Sweep 1: online max and sum-exp of s * inv_student_temp, of s, and of each tempered teacher
         # (prob) or of the tempered logit mixture.
@@ -264,6 +261,7 @@ def _check(student, teachers, weights, target, inv_student_temp, inv_teacher_tem
                          f"strides {tuple(student.stride())} and {tuple(teachers.stride())}")
     if target is not None and (target.dtype != torch.int64 or target.shape != (student.shape[0],)):
         raise ValueError(f"{op}: target must be int64 [{student.shape[0]}], got {target.dtype} {tuple(target.shape)}")
+    check_same_device(op, student, teachers=teachers, weights=weights, target=target)
     check_kd_scalars(op, inv_student_temp, inv_teacher_temp, divergence, beta)
     if mix not in MIXES:
         raise ValueError(f"{op}: mix must be 0 (prob) or 1 (logit), got {mix!r}")

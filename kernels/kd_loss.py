@@ -56,8 +56,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MAX_START, check_kd_scalars, divergence_grad, divergence_sums, divergence_terms, kd_outputs,
-                      load_tempered_teacher, merge_lanes, on_device, online_update, to_grad_dtype)
+from ._common import (MAX_START, check_kd_scalars, check_same_device, divergence_grad, divergence_sums,
+                      divergence_terms, kd_outputs, load_row_target, load_tempered_teacher, merge_lanes, on_device,
+                      online_update, to_grad_dtype)
 
 # --- launch knobs -------------------------------------------------------------------------------
 # Small-C kernel: elements (rows x padded columns) per program, fp32 elements per thread per
@@ -192,13 +193,7 @@ def _kd_chunked_kernel(
     t_row = t_ptr + row * t_row_stride
     g_row = grad_ptr + row * n_cols
     offs = tl.arange(0, CHUNK)
-    live = row >= 0  # a true scalar tensor: rows are live unless their target is ignore_index
-    y_ok = live
-    y = 0
-    if HAS_TARGET:
-        y = tl.load(y_ptr + row * y_stride)
-        live = y != ignore_index
-        y_ok = (y >= 0) & (y < n_cols)
+    y, live, y_ok = load_row_target(y_ptr, row, y_stride, ignore_index, n_cols, HAS_TARGET)
     # Columns to read: none on an ignored row (a scalar-and-vector mask '&' trips the interpreter).
     read_cols = tl.where(live, n_cols, 0)
     kd_grad_coef = kd_coef * inv_student_temp
@@ -324,14 +319,10 @@ def _check(student, teacher, target, inv_student_temp, inv_teacher_temp, diverge
     if teacher.shape != student.shape:
         raise ValueError(f"kd_loss_fwd: teacher has shape {tuple(teacher.shape)} but student has "
                          f"{tuple(student.shape)}")
-    if teacher.device != student.device:
-        raise ValueError(f"kd_loss_fwd: teacher is on {teacher.device} but student is on {student.device}")
-    if target is not None:
-        if target.dtype != torch.int64 or target.shape != (student.shape[0],):
-            raise ValueError(f"kd_loss_fwd: target must be int64 [{student.shape[0]}], got "
-                             f"{target.dtype} {tuple(target.shape)}")
-        if target.device != student.device:
-            raise ValueError(f"kd_loss_fwd: target is on {target.device} but student is on {student.device}")
+    if target is not None and (target.dtype != torch.int64 or target.shape != (student.shape[0],)):
+        raise ValueError(f"kd_loss_fwd: target must be int64 [{student.shape[0]}], got "
+                         f"{target.dtype} {tuple(target.shape)}")
+    check_same_device("kd_loss_fwd", student, teacher=teacher, target=target)
     check_kd_scalars("kd_loss_fwd", inv_student_temp, inv_teacher_temp, divergence, beta)
     if teacher_kind not in (0, 1, 2):
         raise ValueError(f"kd_loss_fwd: teacher_kind must be 0, 1 or 2, got {teacher_kind!r}")
