@@ -35,6 +35,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_ARCH = 90  # Hopper: H100 / H200
 F32, BF16, F16, F64 = "float32", "bfloat16", "float16", "float64"
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # the contract's divergence codes 0, 1, 2
 
 
 # ---- the dispatches: (label, family, thunk building meta inputs and calling the real wrapper) ----
@@ -47,14 +48,17 @@ def _meta(torch, shape, dtype, stride=None):
 def kd_loss_cases(torch):
     from kernels import kd_loss as kd
 
-    def case(s_dt, t_dt, n, c, target=True, grad=True, kind=0):
-        label = f"kd_loss s={s_dt} t={t_dt} N={n} C={c} target={int(target)} grad={int(grad)} kind={kind}"
+    def case(s_dt, t_dt, n, c, target=True, grad=True, kind=0, divergence=0):
+        label = (f"kd_loss s={s_dt} t={t_dt} N={n} C={c} target={int(target)} grad={int(grad)} kind={kind} "
+                 f"divergence={DIVERGENCES[divergence]}")
 
         def run():
             s = _meta(torch, (n, c), s_dt)
             t = _meta(torch, (n, c), t_dt)
             y = _meta(torch, (n,), "int64") if target else None
-            kd.kd_loss_fwd(s, t, y, 2.0, 0.5, True, -100, kind, grad)
+            # temperature 2, alpha 0.5, t2_scale: the contract's host coefficients
+            kd.kd_loss_fwd(s, t, y, 0.5, 0.5, 2.0 if target else 4.0, 0.5 if target else 0.0, divergence, 0.5,
+                           -100, kind, grad)
         return label, "kd_loss", run
 
     # Pass 1 is cheap and dedups, so dispatches may repeat a compiled kernel; what costs is the number
@@ -73,21 +77,34 @@ def kd_loss_cases(torch):
             for grad in (True, False):
                 for kind in (0, 1, 2):
                     yield case(BF16, BF16, 1 << 20, c, target, grad, kind)
+    # reverse_kl and jsd are separate specializations (the chunked kernel takes one more pass): the dtype
+    # pairs, the largest tiles and every mode, on both kernels.
+    for divergence in (1, 2):
+        for c in (1000, 32000):
+            for s_dt, t_dt in ((F32, F32), (BF16, BF16), (F16, F32), (BF16, F64)):
+                yield case(s_dt, t_dt, 1 << 20, c, divergence=divergence)
+            for target, grad, kind in ((False, True, 0), (True, False, 0), (True, True, 1), (True, True, 2)):
+                yield case(BF16, BF16, 1 << 20, c, target, grad, kind, divergence)
+        for c in (4096, 8192, 128256):
+            for dt in (F32, BF16):
+                yield case(dt, dt, 1 << 20, c, divergence=divergence)
 
 
 def ensemble_cases(torch):
     from kernels import ensemble_kd_loss as ens
 
-    def case(dt, n, c, k, mix=0, target=True, grad=True, alpha=0.5):
+    def case(dt, n, c, k, mix=0, target=True, grad=True, alpha=0.5, divergence=0):
         label = (f"ensemble s={dt} N={n} C={c} K={k} mix={'prob' if mix == 0 else 'logit'} target={int(target)} "
-                 f"grad={int(grad)} alpha={alpha}")
+                 f"grad={int(grad)} alpha={alpha} divergence={DIVERGENCES[divergence]}")
 
         def run():
             s = _meta(torch, (n, c), dt)
             t = _meta(torch, (n, k, c), dt).permute(1, 0, 2)  # [K, N, C] view of [N, K, C], as the ops pass
             w = _meta(torch, (k, 1), F32).expand(k, n)
             y = _meta(torch, (n,), "int64") if target else None
-            ens.ensemble_kd_loss_fwd(s, t, w, y, 2.0, alpha, True, -100, mix, grad)
+            # temperature 2, t2_scale: the contract's host coefficients
+            kd_coef, ce_coef = (4.0 * alpha, 1.0 - alpha) if target else (4.0, 0.0)
+            ens.ensemble_kd_loss_fwd(s, t, w, y, 0.5, 0.5, kd_coef, ce_coef, divergence, 0.5, -100, mix, grad)
         return label, "ensemble_kd_loss", run
 
     cols = (10, 100, 1000, 2048, 32000, 128256)
@@ -104,6 +121,15 @@ def ensemble_cases(torch):
             for target, alpha, grad in ((True, 0.5, True), (True, 0.5, False), (True, 0.0, True), (True, 1.0, True),
                                         (False, 0.5, True), (False, 0.5, False)):
                 yield case(BF16, 1 << 20, c, 4, mix, target, grad, alpha)
+    for divergence in (1, 2):  # separate specializations (the chunked body takes one more sweep)
+        for c in (10, 1000, 2048, 32000):
+            for mix in (0, 1):
+                yield case(BF16, 1 << 20, c, 4, mix, divergence=divergence)
+        for c in (10, 2048, 32000):
+            yield case(F32, 1 << 20, c, 4, divergence=divergence)
+        for c in (10, 32000):
+            yield case(BF16, 1 << 20, c, 4, target=False, divergence=divergence)
+            yield case(BF16, 1 << 20, c, 4, grad=False, divergence=divergence)
 
 
 def _cover_tables(torch, k, c, width, max_count):

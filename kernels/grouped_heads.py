@@ -15,12 +15,13 @@ can pass 2^31 (N*K*D, K*N*W, K*C) are int64.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import on_device, online_lse
 
 LOGIT_MEAN, PROB_MEAN = 0, 1
 
@@ -28,6 +29,22 @@ LOGIT_MEAN, PROB_MEAN = 0, 1
 def _pow2(x: int, lo: int = 16, hi: int | None = None) -> int:
     p = max(lo, triton.next_power_of_2(max(int(x), 1)))
     return min(p, hi) if hi is not None else p
+
+
+@triton.jit
+def _head_dot(acc, h_ptr, w_ptr, offs_n, mask_n, w_cols, mask_cols, D, s_hn, s_hd, s_wd, s_ww,
+              DOT_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """acc + h[offs_n, :D] @ W[:D, w_cols] over BLOCK_D slices of D (h_ptr, w_ptr: head k's bases)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        mask_d = dd < D
+        h = tl.load(h_ptr + offs_n[:, None] * s_hn + dd[None, :] * s_hd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_ptr + dd[:, None] * s_wd + w_cols[None, :] * s_ww,
+                    mask=mask_d[:, None] & mask_cols[None, :], other=0.0)
+        acc = tl.dot(h.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -42,7 +59,6 @@ def _logit_mean_fwd_kernel(
     # int64 offsets: N*K*D, K*C and N*C may pass 2^31.
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_c = offs_c < C
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
@@ -52,14 +68,8 @@ def _logit_mean_fwd_kernel(
         covered = slots >= 0
         if tl.max(covered.to(tl.int32), axis=0) > 0:  # head k holds a class of this tile
             safe_slots = tl.where(covered, slots, 0)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + offs_d
-                mask_d = dd < D
-                h = tl.load(h_ptr + k * s_hk + offs_n[:, None] * s_hn + dd[None, :] * s_hd,
-                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                w = tl.load(w_ptr + k * s_wk + dd[:, None] * s_wd + safe_slots[None, :] * s_ww,
-                            mask=mask_d[:, None] & covered[None, :], other=0.0)
-                acc = tl.dot(h.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision="ieee")
+            acc = _head_dot(acc, h_ptr + k * s_hk, w_ptr + k * s_wk, offs_n, mask_n, safe_slots, covered, D,
+                            s_hn, s_hd, s_wd, s_ww, DOT_DTYPE, BLOCK_D)
             b = tl.load(b_ptr + k * s_bk + safe_slots * s_bw, mask=covered, other=0.0)
             acc += b.to(tl.float32)[None, :]
     count = tl.load(cptr_ptr + offs_c + 1, mask=mask_c, other=1) - tl.load(cptr_ptr + offs_c, mask=mask_c, other=0)
@@ -81,18 +91,10 @@ def _head_gemm_kernel(
     k = tl.program_id(2).to(tl.int64)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_w = offs_w < W
-    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + offs_d
-        mask_d = dd < D
-        h = tl.load(h_ptr + k * s_hk + offs_n[:, None] * s_hn + dd[None, :] * s_hd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        w = tl.load(w_ptr + k * s_wk + dd[:, None] * s_wd + offs_w[None, :] * s_ww,
-                    mask=mask_d[:, None] & mask_w[None, :], other=0.0)
-        acc = tl.dot(h.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision="ieee")
+    acc = _head_dot(tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32), h_ptr + k * s_hk, w_ptr + k * s_wk, offs_n,
+                    mask_n, offs_w, mask_w, D, s_hn, s_hd, s_wd, s_ww, DOT_DTYPE, BLOCK_D)
     b = tl.load(b_ptr + k * s_bk + offs_w * s_bw, mask=mask_w, other=0.0)
     acc += b.to(tl.float32)[None, :]
     tl.store(u_ptr + (k * N + offs_n[:, None]) * W + offs_w[None, :], acc,
@@ -102,15 +104,6 @@ def _head_gemm_kernel(
 # The row kernels below (one program per row n) walk the K x W head outputs in [BLOCK_K, BLOCK_W]
 # tiles, the C classes in BLOCK_C tiles and a class's holders in BLOCK_E tiles, with online
 # (running max, rescaled sum) log-sum-exps across tiles: registers stay bounded at any K, W, C.
-
-@triton.jit
-def _online_lse(run_max, run_sum, x, axis: tl.constexpr):
-    """One online log-sum-exp step along `axis` of x (-inf entries add nothing, no inf - inf)."""
-    new_max = tl.maximum(run_max, tl.max(x, axis=axis))
-    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-    new_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(x - tl.expand_dims(safe, axis)), axis=axis)
-    return new_max, new_sum
-
 
 @triton.jit
 def _head_lse(u_ptr, size_ptr, lse_ptr, n, N, W, K, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -126,7 +119,7 @@ def _head_lse(u_ptr, size_ptr, lse_ptr, n, N, W, K, BLOCK_K: tl.constexpr, BLOCK
             real = mask_k[:, None] & (offs_w[None, :] <= size[:, None]) & (offs_w[None, :] < W)
             u = tl.load(u_ptr + (offs_k[:, None].to(tl.int64) * N + n) * W + offs_w[None, :], mask=real,
                         other=float("-inf"))
-            run_max, run_sum = _online_lse(run_max, run_sum, u, 1)
+            run_max, run_sum = online_lse(run_max, run_sum, u, 1)
         lse = tl.where(mask_k, run_max + tl.log(run_sum), 0.0)
         tl.store(lse_ptr + n * K + offs_k, lse, mask=mask_k)
 
@@ -147,7 +140,7 @@ def _class_log_r(u_ptr, lse_ptr, cptr_ptr, entries_ptr, n, N, W, K, c, mask_c, m
         kh = kj // W
         uv = tl.load(u_ptr + (kh * N + n) * W + (kj - kh * W), mask=e_mask, other=float("-inf"))
         lv = tl.load(lse_ptr + n * K + kh, mask=e_mask, other=0.0)
-        run_max, run_sum = _online_lse(run_max, run_sum, uv - lv, -1)
+        run_max, run_sum = online_lse(run_max, run_sum, uv - lv, -1)
     total = run_max + tl.log(run_sum)
     return tl.where(mask_c, total, float("-inf")), count
 
@@ -390,13 +383,8 @@ def row_blocks(k: int, w: int, c: int, max_count: int) -> dict:
     return dict(BLOCK_K=block_k, BLOCK_W=block_w, BLOCK_C=block_c, BLOCK_E=block_e, num_warps=num_warps)
 
 
-def _on_device(t: torch.Tensor):
-    """Launch on the tensor's GPU (not the current one): a tensor on cuda:1 runs on cuda:1."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def grouped_heads_fwd(features, weight, bias, tables, mode: int):
-    with _on_device(features):
+    with on_device(features):
         return _fwd(features, weight, bias, tables, mode)
 
 
@@ -424,7 +412,7 @@ def _fwd(features, weight, bias, tables, mode: int):
 
 def grouped_heads_bwd(grad_out, features, weight, saved, tables, mode: int, need_features: bool,
                       need_params: bool):
-    with _on_device(features):
+    with on_device(features):
         return _bwd(grad_out, features, weight, saved, tables, mode, need_features, need_params)
 
 

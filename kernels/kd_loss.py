@@ -1,17 +1,21 @@
-"""Triton kernels of kd_loss (DESIGN 2.1); the contract is in ued_fast/ops/kd_loss.py.
+"""Triton kernels of kd_loss (DESIGN 2.1); the kernel contract (CONTRACT.md) is shared with the C++ and
+CUDA backends: the KD coefficients arrive computed on the host.
 
-kd_loss_fwd(student, teacher, target, temperature, alpha, t2_scale, ignore_index, teacher_kind,
-            compute_grad) -> (row_loss [N] float32, grad [N, C] in the student's dtype, or empty)
+kd_loss_fwd(student, teacher, target, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence,
+            beta, ignore_index, teacher_kind, compute_grad)
+    -> (row_loss [N] float32, grad [N, C] in the student's dtype, or empty)
 
-Per row, with b = s/T, a = t/T (logits, log_probs) or log(t)/T (probs), p = softmax(a),
-q = softmax(b), s2 = T^2 if t2_scale else 1:
-    loss = alpha*s2*KL(p || q) + (1-alpha)*(logsumexp(s) - s[y])     (s2*KL when target is None)
-    grad = alpha*(s2/T)*(q - p) + (1-alpha)*(softmax(s) - onehot(y))  ((s2/T)*(q - p) when None)
-KL = sum p*(log p - log q) over p > 0 (0*log 0 = 0, so -inf teacher logits and zero probs are
-fine). Ignored rows (target == ignore_index) read nothing and write loss 0, grad 0. A target
+Per row, with b = s*inv_student_temp, a = t*inv_teacher_temp (logits, log_probs) or
+log(t)*inv_teacher_temp (probs), p = softmax(a), q = softmax(b), D the divergence (0 forward_kl
+KL(p || q), 1 reverse_kl KL(q || p), 2 jsd(beta); kernels/_common.py has the per-element terms):
+    loss = kd_coef*D + ce_coef*(logsumexp(s) - s[y])                 (kd_coef*D when target is None)
+    grad = kd_coef*inv_student_temp*dD/db + ce_coef*(softmax(s) - onehot(y))
+0*log 0 = 0 on every side, so -inf teacher logits and zero probs are fine (reverse_kl is +inf where
+p = 0 < q). Ignored rows (target == ignore_index) read nothing and write loss 0, grad 0. A target
 outside [0, C) that is not ignore_index gives a NaN loss and a NaN grad row, never a stray read.
 Student: fp32, bf16 or fp16; teacher: any of those or fp64. Math is fp32 in registers whatever
-the input dtypes.
+the input dtypes. DIVERGENCE is a constexpr: each divergence is its own compiled specialization,
+and forward_kl's code is the same as before the others existed.
 
 Two kernels, chosen on the host from C and the element sizes (no host sync, no allocation beyond
 the two outputs, so the call is CUDA-graph safe):
@@ -26,14 +30,16 @@ _kd_chunked_kernel (larger C, LLM vocabularies): one program per row, CHUNK colu
   sum) for a, s and b = s/T (b's max is s's max / T, so it needs no max of its own). The lanes
   are merged once per row. Pass 2 re-reads s and t (a row is C*(es+et) bytes, 128 KB for bf16
   C=32000; the rows in flight fit in an H100's 50 MB L2, so the re-read is meant to hit L2),
-  accumulates the KL sum and writes the gradient.
+  accumulates the divergence sum and writes forward_kl's gradient. reverse_kl and jsd need the row's
+  sums before their gradient (dD/db = h - q*sum(h)), so with a gradient they read the row a third time.
   DRAM bytes when the re-read hits L2: N*C*(es + et) + N*C*es + 12N, the same floor as above;
   L2 traffic is N*C*(es+et) more. Pass-1 loads ask L2 to keep the lines (evict_last), pass-2
   loads and the grad store are marked streaming (evict_first).
 
 Exponentials per element: small kernel 3 (a, b, s; 2 without a target); chunked kernel 3 in pass 1
 (2 without a target) and in pass 2 1 (a, for the KL) plus 2 more when the grad is written (b, and
-s with a target). Logs: one per element per read of t for 'probs' teachers only.
+s with a target); reverse_kl and jsd repeat pass 2's a and b in pass 3, and jsd adds an exp and a log
+per element for log m. Logs: one per element per read of t for 'probs' teachers only.
 
 On CPU tensors (the interpreter, for tests) two launch details differ, not the math: a launch
 uses as few programs as possible (min_programs), and bf16 grads are rounded to nearest on the
@@ -46,11 +52,13 @@ chunk= overrides, used by the tests to force either path.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import (MAX_START, check_kd_scalars, check_same_device, divergence_grad, divergence_sums,
+                      divergence_terms, kd_outputs, load_row_target, load_tempered_teacher, merge_lanes, on_device,
+                      online_update, to_grad_dtype)
 
 # --- launch knobs -------------------------------------------------------------------------------
 # Small-C kernel: elements (rows x padded columns) per program, fp32 elements per thread per
@@ -77,44 +85,16 @@ KERNELS = ("auto", "small", "chunked")
 _STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A float64 teacher is read as is and rounded to fp32 in registers, like the others.
 _TEACHER_DTYPES = _STUDENT_DTYPES + (torch.float64,)
-# Running-max start: finite, so that max - start never makes inf - inf = NaN; a lane that only ever
-# saw -inf (padding, zero probabilities) keeps it and a sum of 0, and drops out of the merge.
-_MAX_START = -1.0e30
-
-
-@triton.jit
-def _load_tempered_teacher(ptrs, mask, inv_t, TEACHER_KIND: tl.constexpr, EVICT: tl.constexpr):
-    """a = t/T for logits (0) and log-probs (1), log(t)/T for probs (2), in fp32; -inf where masked.
-
-    A zero probability becomes -inf, so masked probs load as 0 (log(-inf) would be NaN)."""
-    if TEACHER_KIND == 2:
-        t = tl.load(ptrs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
-        return tl.log(t) * inv_t
-    t = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
-    return t * inv_t
-
-
-@triton.jit
-def _to_grad_dtype(g, grad_ptr, SOFT_BF16_ROUNDING: tl.constexpr):
-    """fp32 -> the grad's dtype, rounding to nearest even.
-
-    The interpreter truncates fp32 -> bf16 (a GPU rounds to nearest), so on CPU tensors the
-    rounding is done on the bits here: add 0x7FFF plus the lowest kept bit, keep the top 16 bits
-    (NaN and inf keep their class)."""
-    if SOFT_BF16_ROUNDING:
-        bits = g.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return g.to(grad_ptr.dtype.element_ty)
 
 
 @triton.jit
 def _kd_small_c_kernel(
     s_ptr, t_ptr, y_ptr, loss_ptr, grad_ptr,
     n_rows, n_cols, s_row_stride, t_row_stride, y_stride,
-    inv_t, kl_loss_coef, ce_coef, kl_grad_coef, ignore_index,
-    HAS_TARGET: tl.constexpr, TEACHER_KIND: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    SOFT_BF16_ROUNDING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, beta, ignore_index,
+    DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, TEACHER_KIND: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SOFT_BF16_ROUNDING: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -131,25 +111,25 @@ def _kd_small_c_kernel(
 
     s = tl.load(s_ptr + rows[:, None] * s_row_stride + cols[None, :], mask=mask,
                 other=float("-inf")).to(tl.float32)
-    a = _load_tempered_teacher(t_ptr + rows[:, None] * t_row_stride + cols[None, :], mask, inv_t,
-                               TEACHER_KIND, "")
-    b = s * inv_t
+    a = load_tempered_teacher(t_ptr + rows[:, None] * t_row_stride + cols[None, :], mask, inv_teacher_temp,
+                              TEACHER_KIND, "")
+    b = s * inv_student_temp
 
     # Rows that are not live hold only -inf: give them max 0 so that no inf - inf NaN is made.
     max_s = tl.where(live, tl.max(s, axis=1), 0.0)
     max_a = tl.where(live, tl.max(a, axis=1), 0.0)
-    max_b = max_s * inv_t  # fl(s*c) is monotone in s for c > 0: max(b) == max(s)*inv_t
+    max_b = max_s * inv_student_temp  # fl(s*c) is monotone in s for c > 0: max(b) == max(s)*c
     exp_a = tl.exp(a - max_a[:, None])
     exp_b = tl.exp(b - max_b[:, None])
     sum_a = tl.sum(exp_a, axis=1)
     sum_b = tl.sum(exp_b, axis=1)
-    log_sum_a = tl.log(sum_a)
-    log_sum_b = tl.log(sum_b)
     p = exp_a * (1.0 / sum_a)[:, None]
-    log_p = a - (max_a + log_sum_a)[:, None]
-    log_q = b - (max_b + log_sum_b)[:, None]
-    kl = tl.sum(tl.where(p != 0.0, p * (log_p - log_q), 0.0), axis=1)
-    loss = kl_loss_coef * kl
+    q = exp_b * (1.0 / sum_b)[:, None]
+    log_p = a - (max_a + tl.log(sum_a))[:, None]
+    log_q = b - (max_b + tl.log(sum_b))[:, None]
+    d, h = divergence_terms(log_p, log_q, p, q, beta, DIVERGENCE)
+    div, h_sum = divergence_sums(d, h, 1, DIVERGENCE)
+    loss = kd_coef * div
     if HAS_TARGET:
         exp_s = tl.exp(s - max_s[:, None])
         sum_s = tl.sum(exp_s, axis=1)
@@ -160,8 +140,7 @@ def _kd_small_c_kernel(
     tl.store(loss_ptr + rows, loss, mask=row_in)
 
     if COMPUTE_GRAD:
-        q = exp_b * (1.0 / sum_b)[:, None]
-        g = kl_grad_coef * (q - p)
+        g = (kd_coef * inv_student_temp) * divergence_grad(p, q, h, h_sum[:, None], DIVERGENCE)
         if HAS_TARGET:
             softmax_s = exp_s * (1.0 / sum_s)[:, None]
             onehot = (cols[None, :] == y[:, None]).to(tl.float32)
@@ -169,51 +148,57 @@ def _kd_small_c_kernel(
             g = tl.where(y_ok[:, None], g, float("nan"))
         g = tl.where(live[:, None], g, 0.0)
         tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :],
-                 _to_grad_dtype(g, grad_ptr, SOFT_BF16_ROUNDING), mask=row_in[:, None] & col_in[None, :])
+                 to_grad_dtype(g, grad_ptr, SOFT_BF16_ROUNDING), mask=row_in[:, None] & col_in[None, :])
 
 
 @triton.jit
-def _online_update(run_max, run_sum, x):
-    """Per-lane online softmax step: (max, sum of exp(. - max)) after seeing x; one exp per element.
-
-    exp(-|x - max|) is exp(x - max) when x <= max, and the rescale factor exp(max - x) when x is
-    the new max. x = -inf leaves the state unchanged (run_max is finite, see _MAX_START)."""
-    d = tl.exp(-tl.abs(x - run_max))
-    bigger = x > run_max
-    new_sum = tl.where(bigger, run_sum * d + 1.0, run_sum + d)
-    return tl.where(bigger, x, run_max), new_sum
+def _kd_chunk_terms(s_row, t_row, cols, read_cols, inv_student_temp, inv_teacher_temp,
+                    row_max_a, inv_sum_a, log_norm_a, row_max_b, inv_sum_b, log_norm_b, beta,
+                    TEACHER_KIND: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """One chunk of a row after pass 1: (s, p, q) and the divergence's (d, h); the loads are streaming."""
+    mask = cols < read_cols
+    s = tl.load(s_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+    a = load_tempered_teacher(t_row + cols, mask, inv_teacher_temp, TEACHER_KIND, "evict_first")
+    b = s * inv_student_temp
+    p = tl.exp(a - row_max_a) * inv_sum_a
+    q = tl.exp(b - row_max_b) * inv_sum_b
+    d, h = divergence_terms(a - log_norm_a, b - log_norm_b, p, q, beta, DIVERGENCE)
+    return s, p, q, d, h
 
 
 @triton.jit
-def _merge_lanes(run_max, run_sum):
-    """Merges per-lane (max, sum) into the row's max and sum of exp(. - max)."""
-    row_max = tl.max(run_max, axis=0)
-    return row_max, tl.sum(run_sum * tl.exp(run_max - row_max), axis=0)
+def _kd_store_grad_chunk(g_row, grad_ptr, cols, n_cols, kd_part, s, row_max_s, inv_sum_s, y, y_ok, live,
+                         ce_coef, HAS_TARGET: tl.constexpr, SOFT_BF16_ROUNDING: tl.constexpr):
+    """Adds the CE gradient to the KD part of a chunk, masks bad and ignored rows, stores it."""
+    g = kd_part
+    if HAS_TARGET:
+        softmax_s = tl.exp(s - row_max_s) * inv_sum_s
+        g += ce_coef * (softmax_s - (cols == y).to(tl.float32))
+        g = tl.where(y_ok, g, float("nan"))
+    g = tl.where(live, g, 0.0)
+    tl.store(g_row + cols, to_grad_dtype(g, grad_ptr, SOFT_BF16_ROUNDING), mask=cols < n_cols,
+             eviction_policy="evict_first")
 
 
 @triton.jit
 def _kd_chunked_kernel(
     s_ptr, t_ptr, y_ptr, loss_ptr, grad_ptr,
     n_cols, s_row_stride, t_row_stride, y_stride,
-    inv_t, kl_loss_coef, ce_coef, kl_grad_coef, ignore_index,
-    HAS_TARGET: tl.constexpr, TEACHER_KIND: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    SOFT_BF16_ROUNDING: tl.constexpr, CHUNK: tl.constexpr, MAX_START: tl.constexpr,
+    inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, beta, ignore_index,
+    DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, TEACHER_KIND: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, SOFT_BF16_ROUNDING: tl.constexpr, CHUNK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_row_stride
     t_row = t_ptr + row * t_row_stride
     g_row = grad_ptr + row * n_cols
     offs = tl.arange(0, CHUNK)
-    live = row >= 0  # a true scalar tensor: rows are live unless their target is ignore_index
-    y_ok = live
-    if HAS_TARGET:
-        y = tl.load(y_ptr + row * y_stride)
-        live = y != ignore_index
-        y_ok = (y >= 0) & (y < n_cols)
+    y, live, y_ok = load_row_target(y_ptr, row, y_stride, ignore_index, n_cols, HAS_TARGET)
     # Columns to read: none on an ignored row (a scalar-and-vector mask '&' trips the interpreter).
     read_cols = tl.where(live, n_cols, 0)
+    kd_grad_coef = kd_coef * inv_student_temp
 
-    # Pass 1: per-lane running (max, sum) of a, s and b = s/T; ignored rows read nothing.
+    # Pass 1: per-lane running (max, sum) of a, s and b = s * inv_student_temp; ignored rows read nothing.
     max_a = tl.full([CHUNK], MAX_START, tl.float32)
     sum_a = tl.zeros([CHUNK], tl.float32)
     max_s = tl.full([CHUNK], MAX_START, tl.float32)
@@ -224,56 +209,56 @@ def _kd_chunked_kernel(
         mask = cols < read_cols
         s = tl.load(s_row + cols, mask=mask, other=float("-inf"),
                     eviction_policy="evict_last").to(tl.float32)
-        a = _load_tempered_teacher(t_row + cols, mask, inv_t, TEACHER_KIND, "evict_last")
-        max_a, sum_a = _online_update(max_a, sum_a, a)
-        # b's lane max is s's lane max * inv_t, so b's update shares s's comparison.
-        b_dist = tl.exp(-tl.abs(s - max_s) * inv_t)
+        a = load_tempered_teacher(t_row + cols, mask, inv_teacher_temp, TEACHER_KIND, "evict_last")
+        max_a, sum_a = online_update(max_a, sum_a, a)
+        # b's lane max is s's lane max * inv_student_temp, so b's update shares s's comparison.
+        b_dist = tl.exp(-tl.abs(s - max_s) * inv_student_temp)
         s_bigger = s > max_s
         sum_b = tl.where(s_bigger, sum_b * b_dist + 1.0, sum_b + b_dist)
         if HAS_TARGET:
-            max_s, sum_s = _online_update(max_s, sum_s, s)
+            max_s, sum_s = online_update(max_s, sum_s, s)
         else:
             max_s = tl.where(s_bigger, s, max_s)
 
-    row_max_a, row_sum_a = _merge_lanes(max_a, sum_a)
+    row_max_a, row_sum_a = merge_lanes(max_a, sum_a)
     row_max_s = tl.max(max_s, axis=0)
-    row_max_b = row_max_s * inv_t
-    row_sum_b = tl.sum(sum_b * tl.exp(max_s * inv_t - row_max_b), axis=0)
+    row_max_b = row_max_s * inv_student_temp
+    row_sum_b = tl.sum(sum_b * tl.exp(max_s * inv_student_temp - row_max_b), axis=0)
     log_norm_a = row_max_a + tl.log(row_sum_a)  # log p = a - log_norm_a
     log_norm_b = row_max_b + tl.log(row_sum_b)
     inv_sum_a = 1.0 / row_sum_a
     inv_sum_b = 1.0 / row_sum_b
+    inv_sum_s = 0.0
     if HAS_TARGET:
         row_sum_s = tl.sum(sum_s * tl.exp(max_s - row_max_s), axis=0)
         inv_sum_s = 1.0 / row_sum_s
         s_y = tl.load(s_row + y, mask=live & y_ok, other=float("nan")).to(tl.float32)
         ce = row_max_s + tl.log(row_sum_s) - s_y
 
-    # Pass 2: the KL sum and the gradient (the re-read is meant to hit L2).
-    kl_acc = tl.zeros([CHUNK], tl.float32)
-    for start in range(0, n_cols, CHUNK):
-        cols = start + offs
-        col_in = cols < n_cols
-        mask = cols < read_cols
-        s = tl.load(s_row + cols, mask=mask, other=float("-inf"),
-                    eviction_policy="evict_first").to(tl.float32)
-        a = _load_tempered_teacher(t_row + cols, mask, inv_t, TEACHER_KIND, "evict_first")
-        b = s * inv_t
-        p = tl.exp(a - row_max_a) * inv_sum_a
-        log_ratio = (a - log_norm_a) - (b - log_norm_b)
-        kl_acc += tl.where(p != 0.0, p * log_ratio, 0.0)
-        if COMPUTE_GRAD:
-            q = tl.exp(b - row_max_b) * inv_sum_b
-            g = kl_grad_coef * (q - p)
-            if HAS_TARGET:
-                softmax_s = tl.exp(s - row_max_s) * inv_sum_s
-                g += ce_coef * (softmax_s - (cols == y).to(tl.float32))
-                g = tl.where(y_ok, g, float("nan"))
-            g = tl.where(live, g, 0.0)
-            tl.store(g_row + cols, _to_grad_dtype(g, grad_ptr, SOFT_BF16_ROUNDING), mask=col_in,
-                     eviction_policy="evict_first")
+    # Pass 2: the divergence sums, and forward_kl's gradient (the re-read is meant to hit L2). Pass 3
+    # (reverse_kl and jsd with a gradient): their gradient needs the row's sums first.
+    div_acc = tl.zeros([CHUNK], tl.float32)
+    h_acc = tl.zeros([CHUNK], tl.float32)
+    h_sum = 0.0
+    for sweep in tl.static_range(2):
+        if sweep == 0 or (COMPUTE_GRAD and DIVERGENCE != 0):
+            for start in range(0, n_cols, CHUNK):
+                cols = start + offs
+                s, p, q, d, h = _kd_chunk_terms(s_row, t_row, cols, read_cols, inv_student_temp, inv_teacher_temp,
+                                                row_max_a, inv_sum_a, log_norm_a, row_max_b, inv_sum_b, log_norm_b,
+                                                beta, TEACHER_KIND, DIVERGENCE)
+                if sweep == 0:
+                    div_acc += d
+                    if DIVERGENCE == 2:
+                        h_acc += h
+                if COMPUTE_GRAD and (sweep == 1 or DIVERGENCE == 0):
+                    kd_part = kd_grad_coef * divergence_grad(p, q, h, h_sum, DIVERGENCE)
+                    _kd_store_grad_chunk(g_row, grad_ptr, cols, n_cols, kd_part, s, row_max_s, inv_sum_s,
+                                         y, y_ok, live, ce_coef, HAS_TARGET, SOFT_BF16_ROUNDING)
+            if sweep == 0:
+                div, h_sum = divergence_sums(div_acc, h_acc, 0, DIVERGENCE)
 
-    loss = kl_loss_coef * tl.sum(kl_acc, axis=0)
+    loss = kd_coef * div
     if HAS_TARGET:
         loss = tl.where(y_ok, loss + ce_coef * ce, float("nan"))
         loss = tl.where(live, loss, 0.0)
@@ -318,7 +303,8 @@ def choose_kernel(student: torch.Tensor, teacher: torch.Tensor) -> str:
     return "small" if student.shape[1] <= small_c_limit(student, teacher) else "chunked"
 
 
-def _check(student, teacher, target, teacher_kind, kernel, chunk):
+def _check(student, teacher, target, inv_student_temp, inv_teacher_temp, divergence, beta, teacher_kind,
+           kernel, chunk):
     if student.dtype not in _STUDENT_DTYPES:
         raise TypeError(f"kd_loss_fwd: student must be float32, bfloat16 or float16 for the Triton "
                         f"backend, got {student.dtype}")
@@ -333,14 +319,11 @@ def _check(student, teacher, target, teacher_kind, kernel, chunk):
     if teacher.shape != student.shape:
         raise ValueError(f"kd_loss_fwd: teacher has shape {tuple(teacher.shape)} but student has "
                          f"{tuple(student.shape)}")
-    if teacher.device != student.device:
-        raise ValueError(f"kd_loss_fwd: teacher is on {teacher.device} but student is on {student.device}")
-    if target is not None:
-        if target.dtype != torch.int64 or target.shape != (student.shape[0],):
-            raise ValueError(f"kd_loss_fwd: target must be int64 [{student.shape[0]}], got "
-                             f"{target.dtype} {tuple(target.shape)}")
-        if target.device != student.device:
-            raise ValueError(f"kd_loss_fwd: target is on {target.device} but student is on {student.device}")
+    if target is not None and (target.dtype != torch.int64 or target.shape != (student.shape[0],)):
+        raise ValueError(f"kd_loss_fwd: target must be int64 [{student.shape[0]}], got "
+                         f"{target.dtype} {tuple(target.shape)}")
+    check_same_device("kd_loss_fwd", student, teacher=teacher, target=target)
+    check_kd_scalars("kd_loss_fwd", inv_student_temp, inv_teacher_temp, divergence, beta)
     if teacher_kind not in (0, 1, 2):
         raise ValueError(f"kd_loss_fwd: teacher_kind must be 0, 1 or 2, got {teacher_kind!r}")
     if kernel not in KERNELS:
@@ -353,9 +336,12 @@ def kd_loss_fwd(
     student: torch.Tensor,
     teacher: torch.Tensor,
     target: torch.Tensor | None,
-    temperature: float,
-    alpha: float,
-    t2_scale: bool,
+    inv_student_temp: float,
+    inv_teacher_temp: float,
+    kd_coef: float,
+    ce_coef: float,
+    divergence: int,
+    beta: float,
     ignore_index: int,
     teacher_kind: int,
     compute_grad: bool,
@@ -363,37 +349,31 @@ def kd_loss_fwd(
     kernel: str = "auto",
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton kd_loss forward (contract in ued_fast/ops/kd_loss.py): (row_loss, grad or empty).
+    """The Triton kd_loss forward (the kernel contract, coefficients from the host): (row_loss, grad or empty).
 
     kernel: 'auto' picks by C (see small_c_limit); 'small' and 'chunked' force one (tests).
     chunk: the chunked kernel's CHUNK instead of chunked_config's (tests, tuning).
     """
-    _check(student, teacher, target, teacher_kind, kernel, chunk)
-    n_rows, n_cols = student.shape
-    device = student.device
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
-    grad = torch.empty((n_rows, n_cols) if compute_grad else (0,), dtype=student.dtype, device=device)
-    if n_rows == 0:
+    _check(student, teacher, target, inv_student_temp, inv_teacher_temp, divergence, beta, teacher_kind,
+           kernel, chunk)
+    row_loss, grad = kd_outputs(student, compute_grad)
+    if student.shape[0] == 0:
         return row_loss, grad
 
-    temperature = float(temperature)
-    alpha = float(alpha)
-    inv_t = 1.0 / temperature
-    s2 = temperature * temperature if t2_scale else 1.0
     has_target = target is not None
-    kl_weight = alpha * s2 if has_target else s2
-    ce_coef = (1.0 - alpha) if has_target else 0.0
     # Unused pointer arguments get a real tensor: the kernels never read them (constexpr flags).
     y = target if has_target else row_loss
     y_stride = target.stride(0) if has_target else 0
     g = grad if compute_grad else row_loss
-    scalars = (inv_t, kl_weight, ce_coef, kl_weight * inv_t, int(ignore_index))
-    flags = dict(HAS_TARGET=has_target, TEACHER_KIND=int(teacher_kind), COMPUTE_GRAD=bool(compute_grad),
-                 SOFT_BF16_ROUNDING=student.dtype == torch.bfloat16 and device.type == "cpu")
+    scalars = (float(inv_student_temp), float(inv_teacher_temp), float(kd_coef),
+               float(ce_coef) if has_target else 0.0, float(beta), int(ignore_index))
+    flags = dict(DIVERGENCE=int(divergence), HAS_TARGET=has_target, TEACHER_KIND=int(teacher_kind),
+                 COMPUTE_GRAD=bool(compute_grad),
+                 SOFT_BF16_ROUNDING=student.dtype == torch.bfloat16 and student.device.type == "cpu")
 
     if kernel == "auto":
         kernel = choose_kernel(student, teacher)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with on_device(student):
         _launch(kernel, chunk, student, teacher, y, row_loss, g, y_stride, scalars, flags)
     return row_loss, grad
 
@@ -414,5 +394,5 @@ def _launch(kernel, chunk, student, teacher, y, row_loss, g, y_stride, scalars, 
         _kd_chunked_kernel[(n_rows,)](
             student, teacher, y, row_loss, g, n_cols,
             student.stride(0), teacher.stride(0), y_stride, *scalars, **flags,
-            CHUNK=block, MAX_START=_MAX_START, num_warps=num_warps,
+            CHUNK=block, num_warps=num_warps,
         )

@@ -40,10 +40,19 @@ def _reference(s, t, y, *, temperature=4.0, alpha=0.9, t2_scale=True, ignore_ind
     return rows.detach(), grad
 
 
+def contract_coefficients(temperature, alpha, t2_scale, has_target, teacher_temperature=None):
+    """(inv_student_temp, inv_teacher_temp, kd_coef, ce_coef) as the kernel contract's host side makes them."""
+    s2 = temperature * temperature if t2_scale else 1.0
+    inv_teacher_temp = 1.0 / (temperature if teacher_temperature is None else teacher_temperature)
+    kd_coef, ce_coef = (alpha * s2, 1.0 - alpha) if has_target else (s2, 0.0)
+    return 1.0 / temperature, inv_teacher_temp, kd_coef, ce_coef
+
+
 def _run(s, t, y, *, kernel="auto", chunk=None, temperature=4.0, alpha=0.9, t2_scale=True,
          ignore_index=-100, teacher_kind="logits", compute_grad=True):
-    return tk.kd_loss_fwd(s, t, y, temperature, alpha, t2_scale, ignore_index, KINDS[teacher_kind],
-                          compute_grad, kernel=kernel, chunk=chunk)
+    coefs = contract_coefficients(temperature, alpha, t2_scale, y is not None)
+    return tk.kd_loss_fwd(s, t, y, *coefs, 0, 0.5, ignore_index, KINDS[teacher_kind], compute_grad,
+                          kernel=kernel, chunk=chunk)
 
 
 def _check(s, t, y, *, kernel="auto", chunk=None, loss_rtol=2e-5, **kw):
