@@ -412,12 +412,8 @@ def test_loop_executor_equals_grouped_over_training_steps(momentum):
     """The CPU branch loop is the grouped network: same outputs, gradients and BN statistics
     (cumulative-average BN included) after several SGD steps, fp64."""
     torch.manual_seed(0)
-    grouped = build_model("uste_v1", 10, 3, 8, executor="grouped", **SMALL).double()
-    for m in grouped.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = momentum
-    loop = build_model("uste_v1", 10, 3, 8, executor="loop", **SMALL).double()
-    for m in loop.modules():
+    grouped, loop = (build_model("uste_v1", 10, 3, 8, executor=e, **SMALL).double() for e in ("grouped", "loop"))
+    for m in [*grouped.modules(), *loop.modules()]:
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = momentum
     loop.load_state_dict(grouped.state_dict())
