@@ -51,15 +51,16 @@ class Interrupted(Exception):
 
 @dataclass
 class TrainConfig:
+    """Every hyperparameter of a run, in one place (the optimizer, schedule and loop read only these)."""
     epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05
+    batch_size: int = 128  # the global batch: under torchrun each process takes its slice of it
+    lr: float = 0.05  # the peak learning rate of SGD, reached at the end of the warmup
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4  # on conv and linear weights only, never on BatchNorm or biases
     warmup: float = 0.1  # fraction of all steps spent warming the lr up linearly, then linear decay to 0
     label_smoothing: float = 0.0  # off for teachers by default (smoothed teachers distill worse)
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 1024  # evaluation only: no effect on training
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
