@@ -199,7 +199,6 @@ class ConvBody(nn.Module):
         return branches
 
 
-
 # --- 3. Heads and their assembly ------------------------------------------------------------------
 
 class _BranchList(nn.Module):
@@ -356,7 +355,6 @@ class UnifiedEnsemble(nn.Module):
         return twin.train(self.training)
 
 
-
 # --- 4. Losses -------------------------------------------------------------------------------------
 # v1's loss is plain cross-entropy on the assembled logits (UnifiedEnsemble.training_loss).
 
@@ -398,7 +396,7 @@ def _check_distill_inputs(student: torch.Tensor, teacher: torch.Tensor, labels: 
 
 def authors_kd_loss(student_logits: torch.Tensor, teacher_out: torch.Tensor, labels: torch.Tensor, *,
                     temperature: float, lam: float) -> torch.Tensor:
-    """The authors' distillation loss (see the module docstring); teacher_out: the teacher's logits
+    """The authors' distillation loss (see the comment above VARIANTS); teacher_out: the teacher's logits
     or log-probabilities (softmax makes them its probabilities). Computed in fp32 at least."""
     _check_distill_inputs(student_logits, teacher_out, labels, temperature)
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
@@ -436,7 +434,6 @@ def branch_body(in_channels, image_size, k, width, depth, stages, executor="auto
     width, depth, stages = (_positive_int(n, v) for n, v in (("width", width), ("depth", depth), ("stages", stages)))
     widths = [width * 2**i for i in range(stages)]
     return ConvBody(in_channels, image_size, widths, [depth] * stages, groups=k, executor=executor)
-
 
 
 def _unified(mode, num_classes, in_channels, image_size, cover, width, depth, stages, executor, **kwargs):
