@@ -25,18 +25,9 @@ import torch
 
 from ued_fast.augment import AugmentConfig
 from ued_fast.distill_losses import distill_loss
+from ued_fast.experiment import cpu_name
 from ued_fast.models import build_model
 from ued_fast.teacher_cache import ViewBatches, ViewSet
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_configs(image, batch, teacher_kwargs):
@@ -141,7 +132,7 @@ def main(argv=None):
         configs = make_configs(image, args.batch, {"width": args.teacher_width})
         results[spec] = run(configs, args.batch, args.rounds, args.steps)
         print(spec, json.dumps({k: round(v, 1) for k, v in results[spec].items()}), flush=True)
-    info = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
             "python": platform.python_version(), "load_before": load_before, "load_after": os.getloadavg(),
             "batch": args.batch, "rounds": args.rounds, "steps_per_round": args.steps,
             "teacher_width": args.teacher_width}

@@ -68,6 +68,13 @@ def _random_mnist(rng, n):
     return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
 
 
+def _random_mnist_split(root, split, seed, n):
+    """n random MNIST-format images and labels written as `split`'s two IDX files under root."""
+    images, labels = _random_mnist(np.random.default_rng(seed), n)
+    _write_mnist(root, split, images, labels)
+    return images, labels
+
+
 def _cifar_batch(rng, n, num_classes, label_key):
     images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, num_classes, n)
@@ -180,9 +187,7 @@ def test_root_none_uses_env_data_dir(monkeypatch, tmp_path):
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
 @pytest.mark.parametrize("split", data.SPLITS)
 def test_idx_round_trip(tmp_path, name, split):
-    rng = np.random.default_rng(1)
-    images, labels = _random_mnist(rng, 17)
-    _write_mnist(tmp_path, split, images, labels)
+    images, labels = _random_mnist_split(tmp_path, split, 1, 17)
     x, y = data.load(name, split, tmp_path, verify=False)
     assert x.dtype == torch.uint8 and x.shape == (17, 1, 28, 28)
     assert y.dtype == torch.int64 and y.shape == (17,)
@@ -210,9 +215,7 @@ def test_checksum_mismatch_and_overrides(tmp_path):
 
 
 def test_idx_corrupt_files(tmp_path):
-    rng = np.random.default_rng(3)
-    images, labels = _random_mnist(rng, 6)
-    _write_mnist(tmp_path, "test", images, labels)
+    images, labels = _random_mnist_split(tmp_path, "test", 3, 6)
     img = tmp_path / "t10k-images-idx3-ubyte.gz"
     lab = tmp_path / "t10k-labels-idx1-ubyte.gz"
 
@@ -502,9 +505,7 @@ def test_cache_is_used_and_invalidated(tmp_path, monkeypatch):
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path):
-    rng = np.random.default_rng(13)
-    images, labels = _random_mnist(rng, 4)
-    _write_mnist(tmp_path, "test", images, labels)
+    images, labels = _random_mnist_split(tmp_path, "test", 13, 4)
     data.load("mnist", "test", tmp_path, verify=False, cache=tmp_path / "c")
     (cached,) = (tmp_path / "c").glob("*.images.npy")
     cached.write_bytes(b"garbage")
@@ -706,3 +707,51 @@ def test_real_cifar10_cached_reload(cifar10_real, monkeypatch):
     monkeypatch.setattr(data, "_hash_file", lambda *a: pytest.fail("hashed again"))
     x, y = data.load("cifar10", "train", SHARED / "cifar10", cache=cache)
     assert torch.equal(x, splits["train"][0]) and torch.equal(y, splits["train"][1])
+
+
+# sha256 of the decoded (images, labels) bytes of the offline copies in ../shared/data, taken with the
+# readers these files were first decoded with: a change of reader must decode the same tensors.
+DECODED_SHA256 = {
+    "mnist/train": ("741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+                    "e474323ac02fc156161b0bbb1f8c9cfeb327a74bcd9f9680a8385269a24f566c"),
+    "mnist/test": ("6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+                   "2fd8de6bdb8d11780b4b96dc57847bcfe6953f7c32aa48bfcd8237c3b7847243"),
+    "fashion-mnist/train": ("2e487a6c89124f78f2d7521542223cafe96f7123c3ca13d447772ac6ecbb3012",
+                            "e3245b63f7c40d1c8b652835f19744d970c1613b40ddac6bcfc87b9c46e16a0b"),
+    "fashion-mnist/test": ("c867c93ff95360594e8ec3287995350b824dd110b11595c0e13d5423f621867a",
+                           "d51d859896c55775b9e9e219b77ff03bcec1b6ac322f313544dc3f9e7bc94fae"),
+    "cifar10/train": ("6cb59f5bdc8e94fe89e8ce87eed11755e41dd9a996acf316560b15d3b4bbad96",
+                      "7b8df05f0a5654acb5b8c0e841f5d1bf0e036222611903b00a12d876863160f4"),
+    "cifar10/test": ("9165c1d143a683d4922593d4f60185b58b31fe2bc38dd2db672c1aa23f9be049",
+                     "c5575395e636cadcdfe5764ffc8d56f56d234a4dc687096f8fc2d975dd6a5597"),
+    "digits/train": ("56698d0a3d2ca8276e3f80516295e278dd4cc7942e39e1bf82e95a2adf4a02d0",
+                     "623f476e17fdfbd83fa261cb3fa9d9f911a880784baf9cbc5bd06580e6f356ca"),
+    "digits/test": ("79f879f7d5c51589b8875b8f9a3b4cce601d08519a4c9060910c1b6df2c5db27",
+                    "bfc50f70029db07375ea5336e1c45ed2c06dfa90c6aabe1b5f13cbb20d29ee3b"),
+}
+
+
+def _decoded_sha256(images: torch.Tensor, labels: torch.Tensor) -> tuple[str, str]:
+    import hashlib
+
+    return hashlib.sha256(images.numpy().tobytes()).hexdigest(), hashlib.sha256(labels.numpy().tobytes()).hexdigest()
+
+
+def test_digits_decode_to_the_recorded_tensors():
+    for split in data.SPLITS:
+        assert _decoded_sha256(*data.load("digits", split)) == DECODED_SHA256[f"digits/{split}"], split
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_real_idx_decode_to_the_recorded_tensors(name):
+    for split in data.SPLITS:
+        got = _decoded_sha256(*data.load(name, split, SHARED / name, cache=False))
+        assert got == DECODED_SHA256[f"{name}/{split}"], split
+
+
+@needs_shared
+def test_real_cifar10_decodes_to_the_recorded_tensors(cifar10_real):
+    splits, _ = cifar10_real
+    for split in data.SPLITS:
+        assert _decoded_sha256(*splits[split]) == DECODED_SHA256[f"cifar10/{split}"], split

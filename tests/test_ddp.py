@@ -322,3 +322,28 @@ def test_torchrun_teacher_and_distill_match_one_process(tmp_path):
     _run_cli(distill + ["--out", str(tmp_path / "s1")], 1)
     _run_cli(distill + ["--out", str(tmp_path / "s2")], 2)
     _close_runs(_result(tmp_path / "s1"), _result(tmp_path / "s2"))
+
+
+def test_torchrun_experiment_runs_every_row_on_two_processes(tmp_path):
+    """`experiment` is wired by the same run builder as the CLI's single runs, so it trains under
+    torchrun too: every row trains, rank 0 alone writes and reports, the folder records 2 processes."""
+    import json
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "name: tiny\ndataset: digits\ntrain_subset: 400\nseeds: [0]\nrows: [scratch, kd_uste_v1]\n"
+        "student: {name: teacher_s, widths: [4, 8], depths: [1, 1]}\n"
+        "uste_v1: {name: uste_v1, width: 4, depth: 1, stages: 2}\n"
+        "train: {epochs: 3, batch_size: 32, lr: 0.2}\nteacher_train: {epochs: 3}\n"
+        "kd: {views: null}\n")
+    out = tmp_path / "run"
+    p = _run_cli(["-q", "--device", "cpu", "experiment", "-c", str(config), "--out", str(out), "--deterministic"], 2)
+    assert p.stdout.count("wrote ") == 1  # rank 0 alone reports
+    results = json.loads((out / "results.json").read_text())
+    assert sorted((r["kind"], r["name"]) for r in results["runs"]) == [
+        ("student", "kd_uste_v1"), ("student", "scratch"), ("teacher", "uste_v1")]
+    for r in results["runs"]:
+        assert len(r["log"]) == 3 and r["log"][-1]["loss"] < r["log"][0]["loss"], r["name"]  # it trains
+        assert 0.0 <= r["test_acc"] <= 1.0
+    recorded = json.loads((out / "runs" / "seed0" / "teacher" / "uste_v1" / "config.json").read_text())
+    assert recorded["provenance"]["processes"] == 2

@@ -54,31 +54,30 @@ def _separate_by_hand(grouped: ConvBody) -> list[ConvBody]:
     return out
 
 
-def _hand_assemble_v1(h, weight, bias, cover, num_classes):
-    """z_c = mean over heads covering c of their logit for c, with plain Python loops."""
-    n, k = h.shape[0], len(cover)
-    d = weight.shape[1]
-    z = torch.zeros(n, num_classes, dtype=h.dtype)
+def _hand_mean_over_covering_heads(h, weight, bias, cover, num_classes, head_value):
+    """[N, C]: column c is the mean over the heads j covering c of head_value(u_j, S_j)[:, index of c
+    in S_j], u_j = head j's raw output; plain Python loops."""
+    n, d = h.shape[0], weight.shape[1]
+    out = torch.zeros(n, num_classes, dtype=h.dtype)
     for c in range(num_classes):
         terms = []
         for j, s in enumerate(cover):
             if c in s:
                 u = h[:, j * d : (j + 1) * d] @ weight[j] + bias[j]
-                terms.append(u[:, s.index(c)])
-        z[:, c] = sum(terms) / len(terms)
-    return z
+                terms.append(head_value(u, s)[:, s.index(c)])
+        out[:, c] = sum(terms) / len(terms)
+    return out
+
+
+def _hand_assemble_v1(h, weight, bias, cover, num_classes):
+    """z_c = mean over heads covering c of their logit for c."""
+    return _hand_mean_over_covering_heads(h, weight, bias, cover, num_classes, lambda u, s: u)
 
 
 def _hand_assemble_v2(h, weight, bias, cover, num_classes):
-    n, d = h.shape[0], weight.shape[1]
-    r = torch.zeros(n, num_classes, dtype=h.dtype)
-    for c in range(num_classes):
-        terms = []
-        for j, s in enumerate(cover):
-            if c in s:
-                u = (h[:, j * d : (j + 1) * d] @ weight[j] + bias[j])[:, : len(s) + 1]
-                terms.append(torch.softmax(u, dim=1)[:, s.index(c)])
-        r[:, c] = sum(terms) / len(terms)
+    """log of the renormalized mean over covering heads of their softmax (with the 'other' unit)."""
+    r = _hand_mean_over_covering_heads(h, weight, bias, cover, num_classes,
+                                       lambda u, s: torch.softmax(u[:, : len(s) + 1], dim=1))
     return torch.log(r / r.sum(dim=1, keepdim=True))
 
 
@@ -413,12 +412,8 @@ def test_loop_executor_equals_grouped_over_training_steps(momentum):
     """The CPU branch loop is the grouped network: same outputs, gradients and BN statistics
     (cumulative-average BN included) after several SGD steps, fp64."""
     torch.manual_seed(0)
-    grouped = build_model("uste_v1", 10, 3, 8, executor="grouped", **SMALL).double()
-    for m in grouped.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = momentum
-    loop = build_model("uste_v1", 10, 3, 8, executor="loop", **SMALL).double()
-    for m in loop.modules():
+    grouped, loop = (build_model("uste_v1", 10, 3, 8, executor=e, **SMALL).double() for e in ("grouped", "loop"))
+    for m in [*grouped.modules(), *loop.modules()]:
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = momentum
     loop.load_state_dict(grouped.state_dict())
@@ -501,17 +496,17 @@ def test_single_cnn_cost_counts_like_the_model(widths, depth, image):
 
 
 def test_set_ops_backend_forces_the_grouped_heads_backend(monkeypatch):
-    import ued_fast.models as models_mod
+    import ued_fast.uste as uste_mod
     from ued_fast.models import set_ops_backend
 
     seen = []
-    real = models_mod.grouped_heads
+    real = uste_mod.grouped_heads
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("backend"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(models_mod, "grouped_heads", spy)
+    monkeypatch.setattr(uste_mod, "grouped_heads", spy)
     model = build_model("uste_v1", 10, 1, 8, **SMALL).eval()
     x = torch.randn(2, 1, 8, 8)
     default = model(x)

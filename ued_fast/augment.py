@@ -33,9 +33,9 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return gen
 
 
-def normalize(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float32, (x/255 - mean) / std per channel; mean/std are [C] in [0, 1]."""
-    x = images_u8.float().div_(255.0)
+def normalize(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float (dtype), (x/255 - mean) / std per channel; mean/std are [C] in [0, 1]."""
+    x = images_u8.to(dtype) / 255.0  # a new tensor: a float input is never changed in place
     return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
 
 

@@ -141,12 +141,19 @@ def _run_experiment(config, sets, seeds, out, resume, overwrite, data_dir, devic
         cfg = load_config(config, _overrides(sets, seeds, data_dir, device, quiet, deterministic))
         started = time.time()
         results = run_experiment(cfg, out, resume=resume, overwrite=overwrite)
+        from . import distributed
+
+        if not distributed.current().is_main:  # under torchrun rank 0 alone writes and reports
+            return results
         if not cfg["quiet"]:
             typer.echo((Path(out) / "results.md").read_text())
         typer.echo(f"wrote {out}/results.json, results.md and plots in {time.time() - started:.1f} s")
         return results
 
-    return _guarded(go)
+    try:
+        return _guarded(go)
+    finally:
+        _cleanup_distributed()
 
 
 @app.command()
@@ -234,10 +241,10 @@ def _resolve_teacher(name: Optional[str], checkpoint: Path, args: Optional[List[
 def _single_run(kind, dataset, model, model_args, out, epochs, batch_size, lr, seed, val_fraction, train_subset,
                 resume, overwrite, data_dir, device, quiet, deterministic, teacher=None, temperature=4.0, alpha=0.9):
     from .augment import AugmentConfig
-    from .checkpoint import load_checkpoint, prepare_run_dir, read_run_config, save_json
+    from .checkpoint import load_checkpoint, prepare_run_dir, read_run_config
+    from .data import dataset_root
     from .experiment import DEFAULTS, ConfigError, _build, _model_spec
-    from .train import (RESULT_NAME, RUN_OUTPUTS, RunOptions, dataset_root, TrainConfig, distill, load_splits, resolve_device,
-                        seed_everything, set_deterministic, train_teacher)
+    from .train import RUN_OUTPUTS, RunOptions, TrainConfig, distill, load_splits, run_once, start_process, train_teacher
 
     def go():
         from . import models
@@ -264,44 +271,36 @@ def _single_run(kind, dataset, model, model_args, out, epochs, batch_size, lr, s
         # data: the keys known here are checked now, all of them again in fit.
         prepare_run_dir(out, {**(read_run_config(out) or {}), **config}, resume=resume, overwrite=overwrite,
                         outputs=RUN_OUTPUTS, write=False)
-        from . import distributed
-
-        # Under torchrun: join the process group; each process takes its own device.
-        dist_info = distributed.init_from_env(resolve_device(device or G.device))
-        dev = dist_info.device
-        set_deterministic(deterministic)
-        dd = data_dir or G.data_dir
-        root = dataset_root(dd, dataset)
+        process = start_process(device or G.device, deterministic)
         cfg = TrainConfig(**{**DEFAULTS["train"], "epochs": epochs, "batch_size": batch_size, "lr": lr})
         augment = AugmentConfig(**{**DEFAULTS["augment"], "flip": dataset.startswith("cifar")})
-        splits = load_splits(dataset, dev, root=root, val_fraction=val_fraction, seed=seed, train_subset=train_subset)
-        opts = RunOptions(device=dev, seed=seed, deterministic=deterministic, quiet=quiet or G.quiet,
+        splits = load_splits(dataset, process.device, root=dataset_root(dataset, data_dir or G.data_dir),
+                             val_fraction=val_fraction, seed=seed, train_subset=train_subset)
+        opts = RunOptions(device=process.device, seed=seed, deterministic=deterministic, quiet=quiet or G.quiet,
                           run_dir=Path(out), resume=resume, desc=f"{kind} {model}", config=config, overwrite=overwrite)
-        seed_everything(seed)
-        net = _build(_model_spec({"name": model, **kwargs}, "--model"), splits)
-        if t is None:
-            result = train_teacher(net, splits, cfg, augment, opts)
-        else:
-            t_ckpt = t["checkpoint"]
-            t_net = _build(_model_spec({"name": t["name"], **t["kwargs"]}, "--teacher"), splits)
+
+        def train(net, opts):
+            if t is None:
+                return train_teacher(net, splits, cfg, augment, opts)
+            t_net = _build(_model_spec(t_model, "--teacher"), splits)
             try:
-                state = load_checkpoint(t_ckpt)
+                state = load_checkpoint(t["checkpoint"])
             except Exception as e:
-                raise ConfigError(f"--teacher-checkpoint {str(t_ckpt)!r} is not a readable checkpoint "
+                raise ConfigError(f"--teacher-checkpoint {str(t['checkpoint'])!r} is not a readable checkpoint "
                                   f"({type(e).__name__})") from None
             try:
                 t_net.load_state_dict(state.get("model", state))
             except RuntimeError as e:
-                raise ConfigError(f"--teacher-checkpoint {str(t_ckpt)!r} does not fit model {t['name']!r}: "
+                raise ConfigError(f"--teacher-checkpoint {str(t['checkpoint'])!r} does not fit model {t['name']!r}: "
                                   f"{str(e).splitlines()[0]}") from None
-            result = distill(net, t_net, splits, cfg, augment, opts, temperature=temperature, alpha=alpha)
-        result.update(result_extra)
-        if not dist_info.is_main:  # rank 0 alone writes and reports
-            return
-        save_json(Path(out) / RESULT_NAME, result)
-        typer.echo(f"{kind} {model} on {dataset}: val acc {100 * result['val_acc']:.2f}%, "
-                   f"test acc {100 * result['test_acc']:.2f}%, {result['params']:,} params, "
-                   f"{result['train_seconds']:.1f} s; checkpoint in {out}")
+            return distill(net, t_net, splits, cfg, augment, opts, temperature=temperature, alpha=alpha)
+
+        result, _ = run_once(opts, lambda: _build(_model_spec({"name": model, **kwargs}, "--model"), splits), train,
+                             result_extra)
+        if process.is_main:  # rank 0 alone reports
+            typer.echo(f"{kind} {model} on {dataset}: val acc {100 * result['val_acc']:.2f}%, "
+                       f"test acc {100 * result['test_acc']:.2f}%, {result['params']:,} params, "
+                       f"{result['train_seconds']:.1f} s; checkpoint in {out}")
 
     try:
         _guarded(go)

@@ -76,12 +76,24 @@ AUTHORS_CONTIGUOUS_10 = ((0, 1), (1, 2, 3), (3, 4, 5), (6, 7), (8, 9))
 AUTHORS_RFOLD_10 = ((0, 1, 2, 3), (1, 2, 3, 4), (4, 5, 6, 7), (6, 7, 8, 9), (0, 5, 8, 9))
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
+    """value, if it is an int (not a bool) >= minimum; else TypeError/ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def call_reporting_kwargs(what: str, builder, *args, **kwargs):
+    """builder(*args, **kwargs), a keyword it does not take reported as a TypeError that names `what`
+    (the config entry or the registry name), so the user sees which spec holds the stray key."""
+    try:
+        return builder(*args, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword" in str(e):
+            raise TypeError(f"{what}: {e}") from None
+        raise
 
 
 def contiguous(num_classes: int, k: int | None = None, overlap: int | None = None) -> Cover:
@@ -95,8 +107,8 @@ def contiguous(num_classes: int, k: int | None = None, overlap: int | None = Non
     (0 when K = 1).
     k None means min(5, C).
     """
-    c = _check_int("num_classes", num_classes, 1)
-    k = min(5, c) if k is None else _check_int("k", k, 1)
+    c = check_int("num_classes", num_classes, 1)
+    k = min(5, c) if k is None else check_int("k", k, 1)
     if k > c:
         raise ValueError(f"k={k} windows cannot each hold a class when num_classes={c}")
     if overlap is None and k == 5 and c % 10 == 0:
@@ -104,7 +116,7 @@ def contiguous(num_classes: int, k: int | None = None, overlap: int | None = Non
         return tuple(tuple(range(s[0] * m, (s[-1] + 1) * m)) for s in AUTHORS_CONTIGUOUS_10)
     if overlap is None:
         overlap = 0 if k == 1 else max(1, (c // k) // 2)
-    overlap = _check_int("overlap", overlap, 0)
+    overlap = check_int("overlap", overlap, 0)
     if overlap > c - 1:
         raise ValueError(f"overlap={overlap} must be < num_classes={c}")
     bounds = [(i * c) // k for i in range(k + 1)]
@@ -121,7 +133,7 @@ def authors_v2(num_classes: int) -> Cover:
     """The authors' v2 cover: for C=10 {0-3}, {1-4}, {4-7}, {6-9}, {0,5,8,9} (every class in 2 of 5
     subsets of 4); for C = 10*m each class b stands for the block b*m..(b+1)*m-1, which gives their
     C=100 cover {0-39}, {10-49}, {40-79}, {60-99}, {0-9, 50-59, 80-99}. Defined for C a multiple of 10."""
-    c = _check_int("num_classes", num_classes, 1)
+    c = check_int("num_classes", num_classes, 1)
     if c % 10:
         raise ValueError(f"authors_v2 is defined for num_classes a multiple of 10, got {c} (use rfold)")
     m = c // 10
@@ -140,22 +152,22 @@ def rfold(num_classes: int, r: int = 2, size: int | None = None, k: int | None =
     are evenly spaced with gap size/r, so each class lies in exactly r windows. Give size or k (not
     both); with neither, K is the divisor of C*r in [r, C*r] closest to 5 (ties: the larger).
     """
-    c = _check_int("num_classes", num_classes, 1)
-    r = _check_int("r", r, 1)
+    c = check_int("num_classes", num_classes, 1)
+    r = check_int("r", r, 1)
     if r > c:
         raise ValueError(f"r={r} subsets per class needs r <= num_classes={c} (subsets are distinct)")
     total = c * r
     if size is not None and k is not None:
         raise ValueError("give rfold either size or k, not both")
     if size is not None:
-        size = _check_int("size", size, 1)
+        size = check_int("size", size, 1)
         if size > c:
             raise ValueError(f"size={size} must be <= num_classes={c}")
         if total % size:
             raise ValueError(f"size={size} must divide num_classes*r = {total} for every class to be in exactly r={r} subsets")
         k = total // size
     elif k is not None:
-        k = _check_int("k", k, 1)
+        k = check_int("k", k, 1)
         if total % k or k < r:
             raise ValueError(f"k={k} must divide num_classes*r = {total} and be >= r={r}")
         size = total // k
@@ -187,10 +199,10 @@ def confusion(confusion_matrix, k: int, overlap: int = 1, *, method: str = "spec
     if not np.all(np.isfinite(m)) or np.any(m < 0):
         raise ValueError("confusion_matrix must hold finite, non-negative entries")
     c = m.shape[0]
-    k = _check_int("k", k, 1)
+    k = check_int("k", k, 1)
     if k > c:
         raise ValueError(f"k={k} clusters cannot each hold a class when C={c}")
-    overlap = _check_int("overlap", overlap, 0)
+    overlap = check_int("overlap", overlap, 0)
     if method not in ("spectral", "agglomerative"):
         raise ValueError(f"method must be 'spectral' or 'agglomerative', got {method!r}")
     rates = m / np.maximum(m.sum(axis=1, keepdims=True), 1e-12)
@@ -217,7 +229,7 @@ def confusion_matrix(predictions, labels, num_classes: int) -> torch.Tensor:
     predictions, labels = torch.as_tensor(predictions).reshape(-1), torch.as_tensor(labels).reshape(-1)
     if predictions.shape != labels.shape:
         raise ValueError(f"predictions has {predictions.numel()} entries but labels has {labels.numel()}")
-    c = _check_int("num_classes", num_classes, 1)
+    c = check_int("num_classes", num_classes, 1)
     for name, t in (("predictions", predictions), ("labels", labels)):
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
             raise ValueError(f"{name} holds a class outside [0, {c})")
@@ -300,7 +312,7 @@ def make_cover(spec, num_classes: int) -> Cover:
     'confusion': 'matrix' as a nested list or 'matrix_path' to a .npy/.json/.yaml file), or an
     explicit list of lists.
     """
-    num_classes = _check_int("num_classes", num_classes, 1)
+    num_classes = check_int("num_classes", num_classes, 1)
     if isinstance(spec, str):
         if spec.lower().endswith((".json", ".yaml", ".yml")):
             return load_cover(spec, num_classes)
@@ -315,12 +327,8 @@ def make_cover(spec, num_classes: int) -> Cover:
             if "k" not in kwargs:
                 raise ValueError("a 'confusion' cover spec needs k (the number of specialists)")
             return confusion(matrix, **kwargs)
-        try:
-            return validate_cover(COVER_BUILDERS[name](num_classes, **kwargs), num_classes, name="cover")
-        except TypeError as e:
-            if "unexpected keyword" in str(e):
-                raise TypeError(f"cover spec {spec!r}: {e}") from None
-            raise
+        return validate_cover(call_reporting_kwargs(f"cover spec {spec!r}", COVER_BUILDERS[name], num_classes, **kwargs),
+                              num_classes, name="cover")
     return validate_cover(spec, num_classes, name="cover")
 
 

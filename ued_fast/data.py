@@ -48,7 +48,6 @@ import struct
 import tarfile
 import urllib.error
 import urllib.request
-import uuid
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +57,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from . import augment
+from .checkpoint import atomic_write
 
 __all__ = [
     "DATASETS", "DatasetInfo", "DatasetFile", "DatasetFileError", "DownloadError", "SPLITS",
@@ -372,14 +374,20 @@ _IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.g
               "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def _idx_files(sums: Mapping[str, tuple[str, str]], bases: Sequence[str]):
+def _files(sums: Mapping[str, tuple[str, str | None]], bases: Sequence[str] = ()):
+    """DatasetFile entries from {file name: (md5, sha256 or None)}, fetched from each base URL."""
     return tuple(DatasetFile(n, md5=m, sha256=s, urls=tuple(b + n for b in bases))
                  for n, (m, s) in sums.items())
 
 
-def _idx_layout():
-    return _Layout("idx", _IDX_FILES,
-                   {s: _idx_reader(*files) for s, files in _IDX_FILES.items()}, downloadable=True)
+def _idx_dataset(name: str, classes, *, mean: float, std: float, sums, urls, homepage: str, citation: str):
+    """An MNIST-format dataset: 10 classes of 28x28 grayscale, 60k/10k images in the four IDX files."""
+    layout = _Layout("idx", _IDX_FILES, {s: _idx_reader(*files) for s, files in _IDX_FILES.items()},
+                     downloadable=True)
+    return DatasetInfo(name=name, num_classes=10, channels=1, image_size=(28, 28), classes=classes, mean=(mean,),
+                       std=(std,), split_sizes={"train": 60000, "test": 10000}, files=_files(sums, urls),
+                       homepage=homepage, stats_source="computed here from the official train files",
+                       citation=citation, layouts=(layout,))
 
 
 def _cifar_pickle_layouts(folder: str, archive: str, split_files: Mapping[str, tuple[str, ...]],
@@ -407,27 +415,28 @@ DATASETS: dict[str, DatasetInfo] = {
         split_sizes={"train": 50000, "test": 10000},
         files=(
             # PNG archives of ../shared/data/cifar10 (checksums from its SHA256SUMS / MD5SUMS)
-            DatasetFile("cifar10-png-test.tar.gz", md5="a87d5fcde7b098c4da706b941a95836a",
-                        sha256="018906846afc123a572cc95442bafe660fadc75b74c0cf91376723480991f4c6"),
-            DatasetFile("cifar10-png-train-1.tar.gz", md5="4e85b02135182cba67bf4a6ab8acb316",
-                        sha256="b14caa424bc18a8fee1d86bac4bdc2ece7c0a8640d71bdb0ae337493a12e49ce"),
-            DatasetFile("cifar10-png-train-2.tar.gz", md5="814bfa37064b76f0d10caf060d1a83cb",
-                        sha256="2113a26eb5ca239166b5eceec442419d6abb1bc10bd4ddcc33d72e875f5559dc"),
-            DatasetFile("cifar10-png-train-3.tar.gz", md5="716f4180dfdbc24b46b14ae639af3417",
-                        sha256="004dbefbe75e329c7b6eb3a7197a2873717e609a58db31bf070313177161cf57"),
-            DatasetFile("cifar10-png-train-4.tar.gz", md5="a2080d8377bdd567f212bcaf567df57e",
-                        sha256="2ce42ebc8a82ff3b607008bd809efcd30cbbd3d4a2ed07c16703baa592f32291"),
-            DatasetFile("cifar10-png-train-5.tar.gz", md5="142bbe119bf6d036fab60828697f2b26",
-                        sha256="331a11a9bd8189d7d2fdae823d79db1a5cad7993ecf297979bbb47eb8d9b9ea9"),
+            *_files({
+                "cifar10-png-test.tar.gz": ("a87d5fcde7b098c4da706b941a95836a",
+                                            "018906846afc123a572cc95442bafe660fadc75b74c0cf91376723480991f4c6"),
+                "cifar10-png-train-1.tar.gz": ("4e85b02135182cba67bf4a6ab8acb316",
+                                               "b14caa424bc18a8fee1d86bac4bdc2ece7c0a8640d71bdb0ae337493a12e49ce"),
+                "cifar10-png-train-2.tar.gz": ("814bfa37064b76f0d10caf060d1a83cb",
+                                               "2113a26eb5ca239166b5eceec442419d6abb1bc10bd4ddcc33d72e875f5559dc"),
+                "cifar10-png-train-3.tar.gz": ("716f4180dfdbc24b46b14ae639af3417",
+                                               "004dbefbe75e329c7b6eb3a7197a2873717e609a58db31bf070313177161cf57"),
+                "cifar10-png-train-4.tar.gz": ("a2080d8377bdd567f212bcaf567df57e",
+                                               "2ce42ebc8a82ff3b607008bd809efcd30cbbd3d4a2ed07c16703baa592f32291"),
+                "cifar10-png-train-5.tar.gz": ("142bbe119bf6d036fab60828697f2b26",
+                                               "331a11a9bd8189d7d2fdae823d79db1a5cad7993ecf297979bbb47eb8d9b9ea9"),
+            }),
             # official python version (MD5s as published on the CIFAR page / used by torchvision)
-            DatasetFile("cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a",
-                        urls=(_TORONTO + "cifar-10-python.tar.gz",)),
-            DatasetFile("data_batch_1", md5="c99cafc152244af753f735de768cd75f"),
-            DatasetFile("data_batch_2", md5="d4bba439e000b95fd0a9bffe97cbabec"),
-            DatasetFile("data_batch_3", md5="54ebc095f3ab1f0389bbae665268c751"),
-            DatasetFile("data_batch_4", md5="634d18415352ddfa80567beed471001a"),
-            DatasetFile("data_batch_5", md5="482c414d41f54cd18b22e5b47cb7c3cb"),
-            DatasetFile("test_batch", md5="40351d587109b95175f43aff81a1287e"),
+            *_files({"cifar-10-python.tar.gz": ("c58f30108f718f92721af3b95e74349a", None)}, (_TORONTO,)),
+            *_files({"data_batch_1": ("c99cafc152244af753f735de768cd75f", None),
+                     "data_batch_2": ("d4bba439e000b95fd0a9bffe97cbabec", None),
+                     "data_batch_3": ("54ebc095f3ab1f0389bbae665268c751", None),
+                     "data_batch_4": ("634d18415352ddfa80567beed471001a", None),
+                     "data_batch_5": ("482c414d41f54cd18b22e5b47cb7c3cb", None),
+                     "test_batch": ("40351d587109b95175f43aff81a1287e", None)}),
         ),
         homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
         stats_source="published train-split values; reproduced from the PNG archives to 1e-6",
@@ -444,10 +453,9 @@ DATASETS: dict[str, DatasetInfo] = {
         mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
         split_sizes={"train": 50000, "test": 10000},
         files=(
-            DatasetFile("cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85",
-                        urls=(_TORONTO + "cifar-100-python.tar.gz",)),
-            DatasetFile("train", md5="16019d7e3df5f24257cddd939b257f8d"),
-            DatasetFile("test", md5="f0ef6b0ae62326f3e7ffdfab6717acfc"),
+            *_files({"cifar-100-python.tar.gz": ("eb9058c3a382ffc7106e4002c42a8d85", None)}, (_TORONTO,)),
+            *_files({"train": ("16019d7e3df5f24257cddd939b257f8d", None),
+                     "test": ("f0ef6b0ae62326f3e7ffdfab6717acfc", None)}),
         ),
         homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
         stats_source="commonly published train-split values (4 decimals); not re-derived here",
@@ -460,10 +468,8 @@ DATASETS: dict[str, DatasetInfo] = {
         mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970),
         split_sizes={"train": 73257, "test": 26032},
         files=(
-            DatasetFile("train_32x32.mat", md5="e26dedcc434d2e4c54c9b2d4a06d8373",
-                        urls=(_SVHN_URL + "train_32x32.mat",)),
-            DatasetFile("test_32x32.mat", md5="eb5a983be6a315427106f1b8d3c3d6d4",
-                        urls=(_SVHN_URL + "test_32x32.mat",)),
+            *_files({"train_32x32.mat": ("e26dedcc434d2e4c54c9b2d4a06d8373", None),
+                     "test_32x32.mat": ("eb5a983be6a315427106f1b8d3c3d6d4", None)}, (_SVHN_URL,)),
         ),
         homepage="http://ufldl.stanford.edu/housenumbers/",
         stats_source="commonly published train-split values (4 decimals); not re-derived here",
@@ -473,11 +479,8 @@ DATASETS: dict[str, DatasetInfo] = {
                          {"train": _mat_reader("train_32x32.mat"),
                           "test": _mat_reader("test_32x32.mat")}, downloadable=True),),
     ),
-    "mnist": DatasetInfo(
-        name="mnist", num_classes=10, channels=1, image_size=(28, 28), classes=_DIGIT_CLASSES,
-        mean=(0.13066048,), std=(0.30810780,),
-        split_sizes={"train": 60000, "test": 10000},
-        files=_idx_files({
+    "mnist": _idx_dataset(
+        "mnist", _DIGIT_CLASSES, mean=0.13066048, std=0.30810780, urls=_MNIST_URLS, sums={
             "train-images-idx3-ubyte.gz": ("f68b3c2dcbeaaa9fbdd348bbdeb94873",
                                            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
             "train-labels-idx1-ubyte.gz": ("d53e105ee54ea40749a09fcbcd1e9432",
@@ -486,17 +489,10 @@ DATASETS: dict[str, DatasetInfo] = {
                                           "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
             "t10k-labels-idx1-ubyte.gz": ("ec29112dd5afa0611ce80d1b7f02629c",
                                           "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
-        }, _MNIST_URLS),
-        homepage="http://yann.lecun.com/exdb/mnist/",
-        stats_source="computed here from the official train files",
-        citation="LeCun et al., Gradient-Based Learning Applied to Document Recognition, 1998",
-        layouts=(_idx_layout(),),
-    ),
-    "fashion-mnist": DatasetInfo(
-        name="fashion-mnist", num_classes=10, channels=1, image_size=(28, 28),
-        classes=_FASHION_CLASSES, mean=(0.28604060,), std=(0.35302424,),
-        split_sizes={"train": 60000, "test": 10000},
-        files=_idx_files({
+        }, homepage="http://yann.lecun.com/exdb/mnist/",
+        citation="LeCun et al., Gradient-Based Learning Applied to Document Recognition, 1998"),
+    "fashion-mnist": _idx_dataset(
+        "fashion-mnist", _FASHION_CLASSES, mean=0.28604060, std=0.35302424, urls=_FASHION_URLS, sums={
             "train-images-idx3-ubyte.gz": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d",
                                            "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
             "train-labels-idx1-ubyte.gz": ("25c81989df183df01b3e8a0aad5dffbe",
@@ -505,12 +501,8 @@ DATASETS: dict[str, DatasetInfo] = {
                                           "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
             "t10k-labels-idx1-ubyte.gz": ("bb300cfdad3c16e7a12a480ee83cd310",
                                           "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
-        }, _FASHION_URLS),
-        homepage="https://github.com/zalandoresearch/fashion-mnist",
-        stats_source="computed here from the official train files",
-        citation="Xiao et al., Fashion-MNIST, arXiv:1708.07747, 2017",
-        layouts=(_idx_layout(),),
-    ),
+        }, homepage="https://github.com/zalandoresearch/fashion-mnist",
+        citation="Xiao et al., Fashion-MNIST, arXiv:1708.07747, 2017"),
     "digits": DatasetInfo(
         name="digits", num_classes=10, channels=1, image_size=(8, 8), classes=_DIGIT_CLASSES,
         mean=(0.30553290,), std=(0.37594736,),
@@ -594,23 +586,6 @@ def _cache_dir(root: Path, cache) -> Path | None:
     return path
 
 
-def _temp_name(dest: Path, suffix: str) -> Path:
-    return dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
-
-
-def _atomic_write(dest: Path, write: Callable) -> None:
-    """write(fileobj) into a temp file next to dest, then rename: readers never see a partial file."""
-    tmp = _temp_name(dest, ".tmp")
-    try:
-        with open(tmp, "xb") as f:  # plain open: the umask applies (mkstemp would force 0600)
-            write(f)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------- verification
 def _hash_file(path: Path, algo: str) -> str:
     h = hashlib.new(algo)
@@ -669,7 +644,7 @@ class _Stamps:
         self.entries[str(path.resolve())] = self._sig(path, algo, digest)
         text = json.dumps(self.entries, indent=0, sort_keys=True)
         with contextlib.suppress(OSError):  # a lost stamp only costs a re-hash next time
-            _atomic_write(self.path, lambda f: f.write(text.encode()))
+            atomic_write(self.path, lambda f: f.write(text.encode()))
 
 
 def _verify(info: DatasetInfo, paths: Sequence[Path], overrides, stamps: _Stamps) -> None:
@@ -700,17 +675,15 @@ def _urls_for(entry: DatasetFile, mirror: str | None) -> tuple[str, ...]:
 
 
 def _fetch(entry: DatasetFile, dest: Path, mirror: str | None, expected, timeout: float) -> None:
-    """Stream the first URL that answers into a temp file, check its digest, rename into place."""
+    """Stream the first URL that answers into a temp file, check its digest, move it into place."""
     urls = _urls_for(entry, mirror)
     if not urls:
         raise DownloadError(f"{entry.name}: no download URL is known for this file")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for url in urls:
-        tmp = _temp_name(dest, ".part")
-        try:
+        def stream(out, url=url):
             hashes = {"md5": hashlib.md5(), "sha256": hashlib.sha256()}
-            with open(tmp, "xb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
                 while chunk := resp.read(_CHUNK):
                     out.write(chunk)
                     for h in hashes.values():
@@ -722,13 +695,12 @@ def _fetch(entry: DatasetFile, dest: Path, mirror: str | None, expected, timeout
                         f"downloaded {url} but its {algo} is {hashes[algo].hexdigest()}, expected "
                         f"{digest}; the file was discarded"
                     )
-            os.replace(tmp, dest)
+
+        try:
+            atomic_write(dest, stream)  # the file appears only once complete and verified
             return
         except (OSError, urllib.error.URLError, DatasetFileError) as exc:
             errors.append(exc)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
     if all(isinstance(e, DatasetFileError) for e in errors):
         raise errors[-1]
     raise DownloadError(f"could not download {entry.name}: " +
@@ -852,8 +824,8 @@ def _save_cached(stem: Path, images: np.ndarray, labels: np.ndarray) -> None:
         if not old.name.startswith(stem.name + "."):
             with contextlib.suppress(OSError):
                 old.unlink()
-    _atomic_write(_cache_file(stem, "labels"), lambda f: np.save(f, labels))
-    _atomic_write(_cache_file(stem, "images"), lambda f: np.save(f, images))
+    atomic_write(_cache_file(stem, "labels"), lambda f: np.save(f, labels))
+    atomic_write(_cache_file(stem, "images"), lambda f: np.save(f, images))
 
 
 @lru_cache(maxsize=1)
@@ -937,7 +909,6 @@ def normalize(images: torch.Tensor, name: str | DatasetInfo, dtype=torch.float32
     if images.dim() != 4 or images.shape[1] != info.channels:
         raise ValueError(f"normalize: images must be [N, {info.channels}, H, W] for {info.name}, "
                          f"got {tuple(images.shape)}")
-    mean = torch.tensor(info.mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, dtype=dtype, device=images.device).view(1, -1, 1, 1)
-    return (images.to(dtype) / 255 - mean) / std
+    return augment.normalize(images, torch.tensor(info.mean, dtype=dtype, device=images.device),
+                             torch.tensor(info.std, dtype=dtype, device=images.device), dtype=dtype)
 

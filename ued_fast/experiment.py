@@ -33,10 +33,11 @@ import yaml
 
 from .augment import AugmentConfig
 from . import rows as claim_rows
-from .checkpoint import atomic_write, load_checkpoint, prepare_run_dir, read_run_config, save_json
+from .checkpoint import atomic_write, prepare_run_dir, read_run_config, save_json
+from .data import dataset_root
 from .models import set_ops_backend
-from .train import (CHECKPOINT_NAME, dataset_root, RunOptions, TrainConfig, distill, load_splits, resolve_device,
-                    run_provenance, seed_everything, set_deterministic, soft_target_entropy, train_teacher)
+from .train import (RunOptions, TrainConfig, load_splits, run_once, run_provenance, soft_target_entropy, start_process,
+                    train_teacher)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -318,10 +319,10 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
-    return (f"cpu ({_cpu_name()}, {os.cpu_count()} cores; torch uses {threads} thread{'s' if threads != 1 else ''})")
+    return (f"cpu ({cpu_name()}, {os.cpu_count()} cores; torch uses {threads} thread{'s' if threads != 1 else ''})")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -364,13 +365,20 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool 
     resume: keep finished runs, continue interrupted ones (refused if the settings differ from the
     folder's config.json); overwrite: a fresh run may replace the results of an earlier one."""
     out_dir = Path(out_dir)
-    device = resolve_device(cfg["device"])
-    set_deterministic(bool(cfg["deterministic"]))
-    if cfg["num_threads"] is not None:
-        torch.set_num_threads(cfg["num_threads"])
+    # Under torchrun every process runs every row on its slice of each batch; rank 0 alone writes.
+    process = start_process(cfg["device"], cfg["deterministic"], cfg["num_threads"])
+    device = process.device
+    if process.distributed and cfg["kd"].get("views") is not None:
+        raise ConfigError("'kd.views' (cached teacher views) runs in a single process only: set kd.views=null "
+                          "to train under torchrun")
     prepare_run_dir(out_dir, experiment_settings(cfg), resume=resume, overwrite=overwrite,
                     outputs=("results.json", "results.md", "runs"), recorded=_recorded_settings(out_dir),
-                    provenance=run_provenance(device, 1, bool(cfg["deterministic"])))
+                    provenance=run_provenance(device, process.world_size, bool(cfg["deterministic"])),
+                    write=process.is_main)
+    if process.distributed:
+        from . import distributed
+
+        distributed.barrier()  # every rank checked the folder before any run writes into it
     student_cfg = TrainConfig(**cfg["train"])
     teacher_cfg = TrainConfig(**{**cfg["train"], **cfg["teacher_train"]})
     augment = AugmentConfig(**cfg["augment"])
@@ -378,7 +386,7 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool 
     kd_backend = cfg["ops"]["backend"] or kd_backend  # ops.backend forces every fused op
     if device.type == "cuda":
         refuse_failing_backends(device, cfg["ops"]["backend"])
-    root = dataset_root(cfg["data_dir"], cfg["dataset"])
+    root = dataset_root(cfg["dataset"], cfg["data_dir"])
     started = time.time()
     runs: list[dict] = []
 
@@ -388,28 +396,15 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool 
         seed_dir = out_dir / "runs" / f"seed{seed}"
         views = claim_rows.student_views(cfg["kd"], augment, splits, seed)
 
-        def opts(kind, name, config=None):
-            config = {"dataset": cfg["dataset"], "val_fraction": cfg["val_fraction"],
-                      "train_subset": cfg["train_subset"], "kind": kind, "name": name, **(config or {})}
-            return RunOptions(device=device, seed=seed, deterministic=cfg["deterministic"], quiet=cfg["quiet"],
-                              run_dir=seed_dir / kind / name, resume=resume, desc=f"seed {seed} {kind} {name}",
-                              config=config, overwrite=overwrite)
-
         def run(kind, name, build, train_fn, extra=None, config=None):
             """Train (or, on resume, reload a finished run); returns (result dict, trained model)."""
-            o = opts(kind, name, config)
-            seed_everything(seed)
-            model = set_ops_backend(build(), cfg["ops"]["backend"])
-            done = o.run_dir / "result.json"
-            if resume and done.exists():
-                result = json.loads(done.read_text())
-                model.load_state_dict(load_checkpoint(o.run_dir / CHECKPOINT_NAME)["model"])
-                model.to(device)
-                return result, model
-            result = train_fn(model, o)
-            result.update({"kind": kind, "name": name, "seed": seed, **(extra or {})})
-            save_json(done, result)
-            return result, model
+            config = {"dataset": cfg["dataset"], "val_fraction": cfg["val_fraction"],
+                      "train_subset": cfg["train_subset"], "kind": kind, "name": name, **(config or {})}
+            opts = RunOptions(device=device, seed=seed, deterministic=cfg["deterministic"], quiet=cfg["quiet"],
+                              run_dir=seed_dir / kind / name, resume=resume, desc=f"seed {seed} {kind} {name}",
+                              config=config, overwrite=overwrite)
+            return run_once(opts, lambda: set_ops_backend(build(), cfg["ops"]["backend"]), train_fn,
+                            {"kind": kind, "name": name, "seed": seed, **(extra or {})}, reuse_finished=True)
 
         def student_row(row, teacher=None, teacher_result=None):
             # Every KD setting of the row (default, validation grid, authors' ablation): one run each,
@@ -478,9 +473,10 @@ def run_experiment(cfg: dict, out_dir, *, resume: bool = False, overwrite: bool 
     }
     results["summary"] = summarize(results)
     results["summary"]["claim"] = claim_rows.claim_summary(results)
-    save_json(out_dir / "results.json", results)
-    atomic_write(out_dir / "results.md", lambda f: f.write(render_markdown(results)), mode="w")
-    plot_results(results, out_dir)
+    if process.is_main:
+        save_json(out_dir / "results.json", results)
+        atomic_write(out_dir / "results.md", lambda f: f.write(render_markdown(results)), mode="w")
+        plot_results(results, out_dir)
     return results
 
 
@@ -575,6 +571,15 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_results(results: dict, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -595,10 +600,7 @@ def plot_results(results: dict, out_dir: Path) -> list[Path]:
     ax.set_ylim(max(0.0, lo - 5), min(100.0, max(m + e for m, e in zip(means, stds)) + 2))
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(f"{results['config']['dataset']}: student accuracy, mean ± std over {len(results['config']['seeds'])} seeds")
-    fig.tight_layout()
-    paths.append(out_dir / "accuracy.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save_figure(fig, out_dir / "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for row in students:
@@ -612,10 +614,7 @@ def plot_results(results: dict, out_dir: Path) -> list[Path]:
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("student learning curves (mean over seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "learning_curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save_figure(fig, out_dir / "learning_curves.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in results["sweep"]:
@@ -630,8 +629,5 @@ def plot_results(results: dict, out_dir: Path) -> list[Path]:
     ax.set_xlabel(f"teacher soft-target entropy at T={results['config']['kd']['temperature']} (nats)")
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title("teacher-strength sweep")
-    fig.tight_layout()
-    paths.append(out_dir / "entropy_vs_student.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save_figure(fig, out_dir / "entropy_vs_student.png"))
     return paths

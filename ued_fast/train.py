@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .augment import AugmentConfig, Augmenter, batch_slices, epoch_permutation, make_generator
-from .checkpoint import atomic_write, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (atomic_write, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, save_json,
+                         set_rng_state)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -49,15 +51,16 @@ class Interrupted(Exception):
 
 @dataclass
 class TrainConfig:
+    """Every hyperparameter of a run, in one place (the optimizer, schedule and loop read only these)."""
     epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05
+    batch_size: int = 128  # the global batch: under torchrun each process takes its slice of it
+    lr: float = 0.05  # the peak learning rate of SGD, reached at the end of the warmup
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4  # on conv and linear weights only, never on BatchNorm or biases
     warmup: float = 0.1  # fraction of all steps spent warming the lr up linearly, then linear decay to 0
     label_smoothing: float = 0.0  # off for teachers by default (smoothed teachers distill worse)
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 1024  # evaluation only: no effect on training
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -170,21 +173,10 @@ def _dataset_stats(name: str, train_x: torch.Tensor):
     return get("num_classes"), tuple(mean), tuple(std)
 
 
-def dataset_root(data_dir, dataset: str):
-    """The folder of one dataset under the --data-dir parent (None: the data module's default).
-    sklearn's digits are embedded, so they need no folder."""
-    if data_dir is None:
-        return None
-    root = Path(data_dir) / dataset
-    if not root.exists() and dataset == "digits":
-        return None
-    return root
-
-
 def load_splits(dataset: str, device, *, root=None, val_fraction: float = 0.1, seed: int = 0,
                 train_subset: int | None = None) -> Splits:
-    """Load a dataset by name, hold out a seeded validation split from its training set, and move
-    everything to the device. train_subset: keep only this many training images (seeded, before the
+    """Load a dataset by name (root: its folder, ued_fast.data.dataset_root; None: the default one),
+    hold out a seeded validation split from its training set, and move everything to the device. train_subset: keep only this many training images (seeded, before the
     validation split), for CPU budgets."""
     from . import data
 
@@ -360,21 +352,10 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConf
     batch_fn(indices, generator) -> images replaces the augmenter's batches (e.g. the fixed views of
     ued_fast.teacher_cache); single process only.
     """
-    from . import distributed
-
     device = opts.device
     rank, world = _dist_rank_world()
-    writer = rank == 0 and opts.run_dir is not None
     model = _to_device_model(model, device)
-    # Under DDP (torchrun) the loss computation runs inside the wrapped module, so that DDP's
-    # gradient all-reduce hooks see it; `model` stays the plain module (checkpoints, evaluation).
-    train_step = distributed.LossModule(model, step_loss)
-    if world > 1 and batch_fn is not None:
-        raise ValueError("batch_fn (cached teacher views) runs in a single process only")
-    if world > 1:
-        if cfg.batch_size < world:
-            raise ValueError(f"batch_size={cfg.batch_size} (the global batch) must be >= the {world} processes")
-        train_step = distributed.wrap_model(train_step, distributed.DistInfo(rank, world, device=device))
+    train_step = _train_step_module(model, step_loss, cfg, batch_fn, rank, world, device)
     optimizer = make_optimizer(model, cfg)
     n_train = splits.train_x.shape[0]
     # Every rank walks the same global batches (same permutation, same augmentation draws) and
@@ -383,134 +364,209 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, augment: AugmentConf
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(cfg.epochs * len(slices), cfg.warmup))
     gen = make_generator(opts.seed, device)
     augmenter = Augmenter(splits.mean, splits.std, augment, device)
-
-    # Where the run stands: the epoch in progress, the next step in it, that epoch's permutation and
-    # its running sums (a Ctrl-C checkpoint is taken mid-epoch; an end-of-epoch one has step 0).
-    epoch, step, perm, log = 0, 0, None, []
-    loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
-    ckpt_path = opts.run_dir / CHECKPOINT_NAME if opts.run_dir is not None else None
-    if opts.run_dir is not None:
-        # Every rank checks the folder before rank 0 writes to it.
-        run_config = {"dataset": splits.name, **(opts.config or {}), "seed": opts.seed, "train": asdict(cfg),
-                      "schedule": SCHEDULE, "augment": asdict(augment),
-                      "data_sizes": [int(t.shape[0]) for t in (splits.train_x, splits.val_x, splits.test_x)],
-                      "params": sum(p.numel() for p in model.parameters())}
-        prepare_run_dir(opts.run_dir, run_config, resume=opts.resume, overwrite=opts.overwrite, outputs=RUN_OUTPUTS,
-                        provenance=run_provenance(device, world, opts.deterministic) if writer else None, write=writer)
-        if world > 1:
-            distributed.barrier()
-    if opts.resume and ckpt_path is not None and ckpt_path.exists():
-        try:
-            state = load_checkpoint(ckpt_path)
-        except Exception as e:  # not a checkpoint this package wrote (it never leaves a torn one)
-            raise ValueError(f"--resume: {str(ckpt_path)!r} is not a readable checkpoint "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ValueError(f"--resume: {str(ckpt_path)!r} does not fit this model: {str(e).splitlines()[0]}") from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], gen)
-        epoch, step, log = state["epoch"], state["step"], state["log"]
-        perm = state["perm"].to(device) if state["perm"] is not None else None
-        loss_sum, correct, seen, epoch_seconds = state["partial"]
-
-    def checkpoint():
-        if not writer:
-            return
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(gen), "epoch": epoch, "step": step,
-            "perm": perm.cpu() if perm is not None else None,
-            "partial": (float(loss_sum), int(correct), int(seen), float(epoch_seconds)), "log": log,
-            "train_config": asdict(cfg), "seed": opts.seed,
-        })
-
-    def write_log():
-        if writer:
-            text = "".join(json.dumps(entry) + "\n" for entry in log)
-            atomic_write(opts.run_dir / LOG_NAME, lambda f: f.write(text), mode="w")
+    files = _RunFiles(opts, rank, world, model, optimizer, scheduler, gen, cfg)
+    files.prepare(splits, augment)
+    run = files.resume() or _Progress()
 
     from tqdm.auto import tqdm
 
     lines = rank == 0 and _print_progress_lines(opts.quiet)
     session_seconds: list[float] = []  # epochs trained by this process: the ETA's pace
-    bar = tqdm(total=cfg.epochs * len(slices), initial=epoch * len(slices) + step, desc=opts.desc,
+    bar = tqdm(total=cfg.epochs * len(slices), initial=run.epoch * len(slices) + run.step, desc=opts.desc,
                disable=not _show_progress(opts.quiet), leave=False, dynamic_ncols=True)
     with _SigintFlag() as sigint, bar:
-        while epoch < cfg.epochs:
+        while run.epoch < cfg.epochs:
             start = time.perf_counter()
             model.train()
-            if perm is None:  # a new epoch (a resumed one keeps the permutation it was drawn with)
-                perm = epoch_permutation(n_train, gen, device)
-                loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
-            loss_acc = torch.zeros((), device=device)  # summed on the device: no sync per step
-            correct_acc = torch.zeros((), dtype=torch.int64, device=device)
-            seen_acc = 0
-
-            def fold():  # this segment's sums over all ranks, added to the epoch's (global) sums
-                sums = distributed.all_reduce_sums({"loss": loss_acc, "correct": correct_acc, "seen": seen_acc})
-                return loss_sum + sums["loss"], correct + int(sums["correct"]), seen + int(sums["seen"])
-
-            while step < len(slices):
-                # Under DDP all ranks must stop at the same step: they agree on the flag (one
-                # tiny all-reduce per step, only when distributed).
-                if distributed.any_rank(sigint.set) if world > 1 else sigint.set:
-                    loss_sum, correct, seen = fold()
-                    epoch_seconds += time.perf_counter() - start
-                    checkpoint()
-                    raise Interrupted(ckpt_path if writer else None, epoch, step)
-                idx = perm[slices[step]]
+            if run.perm is None:  # a new epoch (a resumed one keeps the permutation it was drawn with)
+                run.perm = epoch_permutation(n_train, gen, device)
+                run.reset_sums()
+            sums = _StepSums(device)
+            while run.step < len(slices):
+                if _stop_requested(sigint, world):
+                    run.add(sums)
+                    run.epoch_seconds += time.perf_counter() - start
+                    files.checkpoint(run)
+                    raise Interrupted(files.checkpoint_path if files.writer else None, run.epoch, run.step)
+                idx = run.perm[slices[run.step]]
                 images = augmenter.train_batch(splits.train_x[idx], gen) if batch_fn is None else batch_fn(idx, gen)
                 labels = splits.train_y[idx]
                 global_n = labels.shape[0]
                 if world > 1:  # this rank's slice of the global batch
                     images, labels = (torch.tensor_split(t, world)[rank] for t in (images, labels))
-                images = _prep_images(images, device)
                 with _autocast(device):
-                    loss, logits = train_step(images, labels)
+                    loss, logits = train_step(_prep_images(images, device), labels)
                 optimizer.zero_grad(set_to_none=True)
-                if world > 1:  # DDP averages over ranks: make that the global-batch mean
-                    (loss * distributed.loss_scale(labels.shape[0], global_n, world)).backward()
-                else:
-                    loss.backward()
+                _backward(loss, labels.shape[0], global_n, world)
                 optimizer.step()
                 scheduler.step()
-                loss_acc += loss.detach().float() * labels.shape[0]
-                correct_acc += (logits.detach().argmax(1) == labels).sum()
-                seen_acc += labels.shape[0]
-                step += 1
+                sums.add(loss, logits, labels)
+                run.step += 1
                 bar.update(1)
-            loss_sum, correct, seen = fold()
+            run.add(sums)
             if world > 1:  # BatchNorm running statistics: rank 0's, on every rank
                 distributed.broadcast_buffers(model)
             val_acc = evaluate(model, splits.val_x, splits.val_y, augmenter, cfg.eval_batch_size)
-            epoch_seconds += time.perf_counter() - start
-            log.append({
-                "epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                "val_acc": val_acc, "lr": scheduler.get_last_lr()[0], "seconds": epoch_seconds,
+            run.epoch_seconds += time.perf_counter() - start
+            run.log.append({
+                "epoch": run.epoch + 1, "loss": run.loss_sum / max(run.seen, 1), "train_acc": run.correct / max(run.seen, 1),
+                "val_acc": val_acc, "lr": scheduler.get_last_lr()[0], "seconds": run.epoch_seconds,
             })
-            bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", val=f"{val_acc:.3f}")
+            bar.set_postfix(loss=f"{run.log[-1]['loss']:.3f}", val=f"{val_acc:.3f}")
             session_seconds.append(time.perf_counter() - start)
             if lines:
-                print(_progress_line(opts.desc, log[-1], cfg.epochs, session_seconds,
-                                     sum(e["seconds"] for e in log)), flush=True)
-            epoch, step, perm = epoch + 1, 0, None
-            loss_sum, correct, seen, epoch_seconds = 0.0, 0, 0, 0.0
-            checkpoint()
-            write_log()
+                print(_progress_line(opts.desc, run.log[-1], cfg.epochs, session_seconds,
+                                     sum(e["seconds"] for e in run.log)), flush=True)
+            run.next_epoch()
+            files.checkpoint(run)
+            files.write_log(run.log)
     test_outputs = predict(model, splits.test_x, augmenter, cfg.eval_batch_size)
     result = {
-        "val_acc": log[-1]["val_acc"] if log else float("nan"),
+        "val_acc": run.log[-1]["val_acc"] if run.log else float("nan"),
         "test_acc": (test_outputs.argmax(1) == splits.test_y).float().mean().item(),
-        "log": log,
-        "train_seconds": sum(e["seconds"] for e in log),
+        "log": run.log,
+        "train_seconds": sum(e["seconds"] for e in run.log),
         "params": sum(p.numel() for p in model.parameters()),
     }
     if keep_test_outputs:
         result["test_outputs"] = test_outputs
     return result
+
+
+# --- The loop's helpers: where the run stands, its files, multi-process training, Ctrl-C ------------
+
+@dataclass
+class _Progress:
+    """Where a run stands: the epoch in progress, the next step in it, that epoch's permutation and
+    its running sums (a Ctrl-C checkpoint is taken mid-epoch; an end-of-epoch one has step 0)."""
+    epoch: int = 0
+    step: int = 0
+    perm: torch.Tensor | None = None
+    log: list = field(default_factory=list)
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    epoch_seconds: float = 0.0
+
+    def reset_sums(self) -> None:
+        self.loss_sum, self.correct, self.seen, self.epoch_seconds = 0.0, 0, 0, 0.0
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step, self.perm = self.epoch + 1, 0, None
+        self.reset_sums()
+
+    def add(self, sums: "_StepSums") -> None:
+        """Fold a segment's step sums, over all ranks, into the epoch's (global) sums."""
+        total = distributed.all_reduce_sums({"loss": sums.loss, "correct": sums.correct, "seen": sums.seen})
+        self.loss_sum += total["loss"]
+        self.correct += int(total["correct"])
+        self.seen += int(total["seen"])
+
+
+class _StepSums:
+    """Loss and correct predictions summed on the device over steps: no host sync per step."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += loss.detach().float() * labels.shape[0]
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen += labels.shape[0]
+
+
+class _RunFiles:
+    """The run folder of one fit: its recorded settings, checkpoint and log; rank 0 alone writes."""
+
+    def __init__(self, opts: RunOptions, rank: int, world: int, model, optimizer, scheduler, gen, cfg: TrainConfig):
+        self.opts, self.world, self.cfg = opts, world, cfg
+        self.model, self.optimizer, self.scheduler, self.gen = model, optimizer, scheduler, gen
+        self.writer = rank == 0 and opts.run_dir is not None
+        self.checkpoint_path = opts.run_dir / CHECKPOINT_NAME if opts.run_dir is not None else None
+
+    def prepare(self, splits: Splits, augment: AugmentConfig) -> None:
+        """Check the folder against this run's settings (every rank, before rank 0 writes to it)."""
+        opts = self.opts
+        if opts.run_dir is None:
+            return
+        run_config = {"dataset": splits.name, **(opts.config or {}), "seed": opts.seed, "train": asdict(self.cfg),
+                      "schedule": SCHEDULE, "augment": asdict(augment),
+                      "data_sizes": [int(t.shape[0]) for t in (splits.train_x, splits.val_x, splits.test_x)],
+                      "params": sum(p.numel() for p in self.model.parameters())}
+        provenance = run_provenance(opts.device, self.world, opts.deterministic) if self.writer else None
+        prepare_run_dir(opts.run_dir, run_config, resume=opts.resume, overwrite=opts.overwrite, outputs=RUN_OUTPUTS,
+                        provenance=provenance, write=self.writer)
+        if self.world > 1:
+            distributed.barrier()
+
+    def resume(self) -> _Progress | None:
+        """On resume, load the checkpoint into the model, optimizer, schedule and generator; None
+        when there is none to continue from."""
+        path = self.checkpoint_path
+        if not (self.opts.resume and path is not None and path.exists()):
+            return None
+        try:
+            state = load_checkpoint(path)
+        except Exception as e:  # not a checkpoint this package wrote (it never leaves a torn one)
+            raise ValueError(f"--resume: {str(path)!r} is not a readable checkpoint "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(f"--resume: {str(path)!r} does not fit this model: {str(e).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], self.gen)
+        perm = state["perm"].to(self.opts.device) if state["perm"] is not None else None
+        run = _Progress(state["epoch"], state["step"], perm, state["log"])
+        run.loss_sum, run.correct, run.seen, run.epoch_seconds = state["partial"]
+        return run
+
+    def checkpoint(self, run: _Progress) -> None:
+        if not self.writer:
+            return
+        save_checkpoint(self.checkpoint_path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.gen), "epoch": run.epoch, "step": run.step,
+            "perm": run.perm.cpu() if run.perm is not None else None,
+            "partial": (float(run.loss_sum), int(run.correct), int(run.seen), float(run.epoch_seconds)), "log": run.log,
+            "train_config": asdict(self.cfg), "seed": self.opts.seed,
+        })
+
+    def write_log(self, log: list) -> None:
+        if self.writer:
+            text = "".join(json.dumps(entry) + "\n" for entry in log)
+            atomic_write(self.opts.run_dir / LOG_NAME, lambda f: f.write(text), mode="w")
+
+
+def _train_step_module(model: nn.Module, step_loss: StepLoss, cfg: TrainConfig, batch_fn, rank: int, world: int,
+                       device: torch.device) -> nn.Module:
+    """The module the loop calls for (loss, logits). Under DDP (torchrun) the loss computation runs
+    inside the wrapped module, so that DDP's gradient all-reduce hooks see it; `model` stays the
+    plain module (checkpoints, evaluation)."""
+    train_step = distributed.LossModule(model, step_loss)
+    if world > 1 and batch_fn is not None:
+        raise ValueError("batch_fn (cached teacher views) runs in a single process only")
+    if world == 1:
+        return train_step
+    if cfg.batch_size < world:
+        raise ValueError(f"batch_size={cfg.batch_size} (the global batch) must be >= the {world} processes")
+    return distributed.wrap_model(train_step, distributed.DistInfo(rank, world, device=device))
+
+
+def _backward(loss: torch.Tensor, local_n: int, global_n: int, world: int) -> None:
+    if world > 1:  # DDP averages over ranks: make that the global-batch mean
+        (loss * distributed.loss_scale(local_n, global_n, world)).backward()
+    else:
+        loss.backward()
+
+
+def _stop_requested(sigint: _SigintFlag, world: int) -> bool:
+    """Ctrl-C seen. Under DDP all ranks must stop at the same step: they agree on the flag (one tiny
+    all-reduce per step, only when distributed)."""
+    return distributed.any_rank(sigint.set) if world > 1 else sigint.set
 
 
 # --- Teachers and students ------------------------------------------------------------------------
@@ -551,3 +607,38 @@ def distill(student: nn.Module, teacher: nn.Module, splits: Splits, cfg: TrainCo
         return loss, s
 
     return fit(student, splits, cfg, augment, opts, step)
+
+
+# --- One run, wired the same way for the CLI and the experiment -------------------------------------
+
+def start_process(device, deterministic: bool, num_threads: int | None = None):
+    """Settle this process before any run: join the torchrun process group when launched by torchrun
+    (each process then takes its own device), determinism, torch's intra-op threads. Returns the
+    ued_fast.distributed.DistInfo."""
+    from . import distributed
+
+    info = distributed.init_from_env(resolve_device(device))
+    set_deterministic(bool(deterministic))
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    return info
+
+
+def run_once(opts: RunOptions, build: Callable[[], nn.Module], train: Callable[[nn.Module, RunOptions], dict],
+             extra: dict | None = None, *, reuse_finished: bool = False) -> tuple[dict, nn.Module]:
+    """One run: seed, build the model, train it, add `extra` to its result and write result.json
+    (rank 0 alone). reuse_finished: on resume, a run whose result.json exists is reloaded from its
+    checkpoint instead of trained again (the experiment, whose folder-wide settings were checked)."""
+    seed_everything(opts.seed)
+    model = build()
+    done = opts.run_dir / RESULT_NAME
+    if reuse_finished and opts.resume and done.exists():
+        result = json.loads(done.read_text())
+        model.load_state_dict(load_checkpoint(opts.run_dir / CHECKPOINT_NAME)["model"])
+        return result, model.to(opts.device)
+    result = train(model, opts)
+    result.update(extra or {})
+    if _dist_rank_world()[0] == 0:
+        save_json(done, result)
+    return result, model
+
