@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 
 import pytest
 
@@ -18,6 +17,8 @@ def pytest_collect_file(file_path, parent):
 def pytest_benchmark_update_machine_info(config, machine_info):
     import torch
 
+    from ued_fast.experiment import cpu_name
+
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
@@ -29,17 +30,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["triton"] = None
     machine_info["cuda"] = torch.version.cuda
     machine_info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    machine_info["cpu_model"] = _cpu_model()
+    machine_info["cpu_model"] = cpu_name()
     machine_info["logical_cpus"] = os.cpu_count()
     machine_info["load_average_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()

@@ -20,7 +20,8 @@ import yaml
 
 from ued_fast.augment import AugmentConfig
 from ued_fast.models import build_model, count_parameters
-from ued_fast.train import RunOptions, TrainConfig, dataset_root, load_splits, seed_everything, train_teacher
+from ued_fast.data import dataset_root
+from ued_fast.train import RunOptions, TrainConfig, load_splits, seed_everything, train_teacher
 
 
 def parse_model(text: str):
@@ -47,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    splits = load_splits(args.dataset, "cpu", root=dataset_root(args.data_dir, args.dataset), val_fraction=0.1, seed=0)
+    splits = load_splits(args.dataset, "cpu", root=dataset_root(args.dataset, args.data_dir), val_fraction=0.1, seed=0)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=0.1, eval_batch_size=1000)
     aug = AugmentConfig(args.crop_padding, "reflect", args.flip)
     out = {"dataset": args.dataset, "train_images": int(splits.train_x.shape[0]), "epochs": args.epochs,
