@@ -23,6 +23,13 @@ MIXES = ("prob", "logit")
 # reverse_kl = KL(q || p), jsd = beta*KL(p || m) + (1-beta)*KL(q || m) with m = beta*p + (1-beta)*q.
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 HEAD_MODES = ("logit_mean", "prob_mean")
+# The KD ops' defaults, written once (the ops take them from here).
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_ALPHA = 0.9
+DEFAULT_BETA = 0.5
+DEFAULT_IGNORE_INDEX = -100
+DEFAULT_REDUCTION = "batchmean"
+DEFAULT_DIVERGENCE = "forward_kl"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,8 +57,8 @@ def _weighted_log_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tenso
     return (a * torch.where(a == 0, torch.zeros_like(log_a), log_a - log_b)).sum(-1)
 
 
-def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = "forward_kl",
-                    beta: float = 0.5) -> torch.Tensor:
+def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = DEFAULT_DIVERGENCE,
+                    beta: float = DEFAULT_BETA) -> torch.Tensor:
     """Per-row divergence [N] between the teacher's log-distribution log_p and the student's log_q."""
     if divergence == "forward_kl":
         return _weighted_log_ratio(log_p, log_q)
@@ -75,8 +82,8 @@ def _kd_rows(
     alpha: float,
     t2_scale: bool,
     ignore_index: int,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
+    divergence: str = DEFAULT_DIVERGENCE,
+    beta: float = DEFAULT_BETA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss [N] and row validity [N] for student logits (tempered by `temperature`) against a
     tempered teacher distribution."""
@@ -111,14 +118,14 @@ def kd_loss_reference(
     teacher: torch.Tensor,
     target: torch.Tensor | None = None,
     *,
-    temperature: float = 4.0,
-    alpha: float = 0.9,
+    temperature: float = DEFAULT_TEMPERATURE,
+    alpha: float = DEFAULT_ALPHA,
     t2_scale: bool = True,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
+    reduction: str = DEFAULT_REDUCTION,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     teacher_kind: str = "logits",
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
+    divergence: str = DEFAULT_DIVERGENCE,
+    beta: float = DEFAULT_BETA,
     teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """DESIGN 2.1. loss = alpha*s2*D(p, q) + (1-alpha)*CE(s, y) per row, q = softmax(s/T), s2 = T^2 if
@@ -169,14 +176,14 @@ def ensemble_kd_loss_reference(
     target: torch.Tensor | None = None,
     *,
     mix: str = "prob",
-    temperature: float = 4.0,
-    alpha: float = 0.9,
+    temperature: float = DEFAULT_TEMPERATURE,
+    alpha: float = DEFAULT_ALPHA,
     t2_scale: bool = True,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
+    reduction: str = DEFAULT_REDUCTION,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     teacher_kind: str = "logits",
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
+    divergence: str = DEFAULT_DIVERGENCE,
+    beta: float = DEFAULT_BETA,
     teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """DESIGN 2.2. kd_loss against the mixture of K teachers, each given as `teacher_kind` (as in kd_loss).

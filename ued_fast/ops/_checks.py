@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ..reference import DIVERGENCES, REDUCTIONS, TEACHER_KINDS
+from ..reference import DEFAULT_BETA, DEFAULT_DIVERGENCE, DIVERGENCES, REDUCTIONS, TEACHER_KINDS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -62,7 +62,7 @@ def check_divergence_args(op: str, divergence, beta, teacher_temperature) -> Non
 
 
 def check_kd_args(op, student, teacher, target, temperature, alpha, t2_scale, reduction, ignore_index,
-                  teacher_kind=None, divergence="forward_kl", beta=0.5, teacher_temperature=None):
+                  teacher_kind=None, divergence=DEFAULT_DIVERGENCE, beta=DEFAULT_BETA, teacher_temperature=None):
     """The arguments every KD op takes: student [N, C] logits, teacher [N, C] (None: checked by the op),
     target, the scalars, reduction, teacher_kind (None: not taken) and the divergence's arguments."""
     check_tensor(op, "student", student, dims=2, floating=True)

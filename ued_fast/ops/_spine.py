@@ -20,15 +20,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from .. import _backend
-from ..reference import DIVERGENCES, MIXES, compute_dtype
-
-# --- defaults, written once -------------------------------------------------------------------------
-DEFAULT_TEMPERATURE = 4.0
-DEFAULT_ALPHA = 0.9
-DEFAULT_BETA = 0.5
-DEFAULT_IGNORE_INDEX = -100
-DEFAULT_REDUCTION = "batchmean"
-DEFAULT_DIVERGENCE = "forward_kl"
+from ..reference import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_DIVERGENCE, DEFAULT_IGNORE_INDEX,  # noqa: F401
+                         DEFAULT_REDUCTION, DEFAULT_TEMPERATURE, DIVERGENCES, MIXES, compute_dtype)
 
 # --- the backend table --------------------------------------------------------------------------------
 
