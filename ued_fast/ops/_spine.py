@@ -292,3 +292,19 @@ class EagerKDFunction(torch.autograd.Function):
 def divergence_repr(divergence: str, beta: float, teacher_temperature: float | None) -> str:
     """The divergence part of a KD module's extra_repr."""
     return f"divergence={divergence!r}, beta={beta}, teacher_temperature={teacher_temperature}"
+
+
+class KDModuleSettings:
+    """What the KD modules (KDLoss, EnsembleKDLoss, FusedLinear*KDLoss) share: their keyword settings,
+    kept as attributes (a later assignment counts), passed to their function and shown by extra_repr."""
+
+    def store_settings(self, **settings) -> None:
+        self._setting_names = tuple(settings)
+        for name, value in settings.items():
+            setattr(self, name, value)
+
+    def settings(self) -> dict:
+        return {name: getattr(self, name) for name in self._setting_names}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.settings().items() if name != "backend")

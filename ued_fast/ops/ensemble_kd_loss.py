@@ -187,7 +187,7 @@ def ensemble_kd_loss(
                           divergence, beta, teacher_temperature, kind)
 
 
-class EnsembleKDLoss(nn.Module):
+class EnsembleKDLoss(_spine.KDModuleSettings, nn.Module):
     """nn.Module form of ensemble_kd_loss: forward(student, teachers, target=None, *, weights=None)."""
 
     def __init__(self, *, mix: str = "prob", temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
@@ -198,19 +198,10 @@ class EnsembleKDLoss(nn.Module):
         _checks.check_kd_args("EnsembleKDLoss", torch.zeros(1, 1), None, None, temperature, alpha, t2_scale,
                               reduction, ignore_index, teacher_kind, divergence, beta, teacher_temperature)
         _checks.check_choice("EnsembleKDLoss", "mix", mix, MIXES)
-        self.mix, self.temperature, self.alpha, self.t2_scale = mix, float(temperature), float(alpha), t2_scale
-        self.reduction, self.ignore_index, self.teacher_kind = reduction, ignore_index, teacher_kind
-        self.divergence, self.beta, self.teacher_temperature = divergence, float(beta), teacher_temperature
-        self.backend = backend
+        self.store_settings(mix=mix, temperature=float(temperature), alpha=float(alpha), t2_scale=t2_scale,
+                            reduction=reduction, ignore_index=ignore_index, teacher_kind=teacher_kind,
+                            divergence=divergence, beta=float(beta), teacher_temperature=teacher_temperature,
+                            backend=backend)
 
     def forward(self, student, teachers, target=None, *, weights=None):
-        return ensemble_kd_loss(student, teachers, target, weights=weights, mix=self.mix,
-                                temperature=self.temperature, alpha=self.alpha, t2_scale=self.t2_scale,
-                                reduction=self.reduction, ignore_index=self.ignore_index,
-                                teacher_kind=self.teacher_kind, divergence=self.divergence, beta=self.beta,
-                                teacher_temperature=self.teacher_temperature, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"mix={self.mix!r}, temperature={self.temperature}, alpha={self.alpha}, t2_scale={self.t2_scale}, "
-                f"reduction={self.reduction!r}, teacher_kind={self.teacher_kind!r}, "
-                f"{_spine.divergence_repr(self.divergence, self.beta, self.teacher_temperature)}")
+        return ensemble_kd_loss(student, teachers, target, weights=weights, **self.settings())

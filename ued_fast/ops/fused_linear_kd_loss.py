@@ -507,7 +507,7 @@ def fused_linear_ensemble_kd_loss(
     return loss
 
 
-class FusedLinearKDLoss(nn.Module):
+class FusedLinearKDLoss(_spine.KDModuleSettings, nn.Module):
     """nn.Module form of fused_linear_kd_loss:
     FusedLinearKDLoss(temperature=1.0, alpha=0.5, ...)(hidden, weight, teacher, target=None, bias=None,
     teacher_weight=None, teacher_bias=None)."""
@@ -520,28 +520,18 @@ class FusedLinearKDLoss(nn.Module):
         super().__init__()
         _check_common("FusedLinearKDLoss", temperature, alpha, t2_scale, reduction, ignore_index, chunk_size,
                       divergence, beta, teacher_temperature)
-        self.divergence, self.beta, self.teacher_temperature = divergence, float(beta), teacher_temperature
         _checks.check_choice("FusedLinearKDLoss", "teacher_kind", teacher_kind, TEACHER_KINDS)
-        self.temperature, self.alpha, self.t2_scale = float(temperature), float(alpha), t2_scale
-        self.reduction, self.ignore_index, self.teacher_kind = reduction, ignore_index, teacher_kind
-        self.chunk_size, self.backend = chunk_size, backend
+        self.store_settings(temperature=float(temperature), alpha=float(alpha), t2_scale=t2_scale,
+                            reduction=reduction, ignore_index=ignore_index, teacher_kind=teacher_kind,
+                            divergence=divergence, beta=float(beta), teacher_temperature=teacher_temperature,
+                            chunk_size=chunk_size, backend=backend)
 
     def forward(self, hidden, weight, teacher, target=None, *, bias=None, teacher_weight=None, teacher_bias=None):
         return fused_linear_kd_loss(hidden, weight, teacher, target, bias=bias, teacher_weight=teacher_weight,
-                                    teacher_bias=teacher_bias, temperature=self.temperature, alpha=self.alpha,
-                                    t2_scale=self.t2_scale, reduction=self.reduction,
-                                    ignore_index=self.ignore_index, teacher_kind=self.teacher_kind,
-                                    divergence=self.divergence, beta=self.beta,
-                                    teacher_temperature=self.teacher_temperature, chunk_size=self.chunk_size,
-                                    backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, t2_scale={self.t2_scale}, "
-                f"reduction={self.reduction!r}, teacher_kind={self.teacher_kind!r}, chunk_size={self.chunk_size}, "
-                f"{_spine.divergence_repr(self.divergence, self.beta, self.teacher_temperature)}")
+                                    teacher_bias=teacher_bias, **self.settings())
 
 
-class FusedLinearEnsembleKDLoss(nn.Module):
+class FusedLinearEnsembleKDLoss(_spine.KDModuleSettings, nn.Module):
     """nn.Module form of fused_linear_ensemble_kd_loss: forward(hidden, weight, teachers, target=None,
     weights=None, bias=None, teacher_weights=None, teacher_biases=None)."""
 
@@ -553,22 +543,13 @@ class FusedLinearEnsembleKDLoss(nn.Module):
         super().__init__()
         _check_common("FusedLinearEnsembleKDLoss", temperature, alpha, t2_scale, reduction, ignore_index, chunk_size,
                       divergence, beta, teacher_temperature)
-        self.divergence, self.beta, self.teacher_temperature = divergence, float(beta), teacher_temperature
         _checks.check_choice("FusedLinearEnsembleKDLoss", "mix", mix, MIXES)
-        self.mix, self.temperature, self.alpha, self.t2_scale = mix, float(temperature), float(alpha), t2_scale
-        self.reduction, self.ignore_index = reduction, ignore_index
-        self.chunk_size, self.backend = chunk_size, backend
+        self.store_settings(mix=mix, temperature=float(temperature), alpha=float(alpha), t2_scale=t2_scale,
+                            reduction=reduction, ignore_index=ignore_index, divergence=divergence, beta=float(beta),
+                            teacher_temperature=teacher_temperature, chunk_size=chunk_size, backend=backend)
 
     def forward(self, hidden, weight, teachers, target=None, *, weights=None, bias=None, teacher_weights=None,
                 teacher_biases=None):
         return fused_linear_ensemble_kd_loss(
             hidden, weight, teachers, target, weights=weights, bias=bias, teacher_weights=teacher_weights,
-            teacher_biases=teacher_biases, mix=self.mix, temperature=self.temperature, alpha=self.alpha,
-            t2_scale=self.t2_scale, reduction=self.reduction, ignore_index=self.ignore_index,
-            divergence=self.divergence, beta=self.beta, teacher_temperature=self.teacher_temperature,
-            chunk_size=self.chunk_size, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"mix={self.mix!r}, temperature={self.temperature}, alpha={self.alpha}, t2_scale={self.t2_scale}, "
-                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
-                f"{_spine.divergence_repr(self.divergence, self.beta, self.teacher_temperature)}")
+            teacher_biases=teacher_biases, **self.settings())

@@ -126,7 +126,7 @@ def kd_loss(
                           teacher_temperature)
 
 
-class KDLoss(nn.Module):
+class KDLoss(_spine.KDModuleSettings, nn.Module):
     """nn.Module form of kd_loss: KDLoss(temperature=4.0, alpha=0.9, ...)(student, teacher, target=None)."""
 
     def __init__(self, *, temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
@@ -136,18 +136,10 @@ class KDLoss(nn.Module):
         super().__init__()
         _checks.check_kd_args("KDLoss", torch.zeros(1, 1), None, None, temperature, alpha, t2_scale, reduction,
                               ignore_index, teacher_kind, divergence, beta, teacher_temperature)
-        self.temperature, self.alpha, self.t2_scale = float(temperature), float(alpha), t2_scale
-        self.reduction, self.ignore_index, self.teacher_kind = reduction, ignore_index, teacher_kind
-        self.divergence, self.beta, self.teacher_temperature = divergence, float(beta), teacher_temperature
-        self.backend = backend
+        self.store_settings(temperature=float(temperature), alpha=float(alpha), t2_scale=t2_scale,
+                            reduction=reduction, ignore_index=ignore_index, teacher_kind=teacher_kind,
+                            divergence=divergence, beta=float(beta), teacher_temperature=teacher_temperature,
+                            backend=backend)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None):
-        return kd_loss(student, teacher, target, temperature=self.temperature, alpha=self.alpha,
-                       t2_scale=self.t2_scale, reduction=self.reduction, ignore_index=self.ignore_index,
-                       teacher_kind=self.teacher_kind, divergence=self.divergence, beta=self.beta,
-                       teacher_temperature=self.teacher_temperature, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, t2_scale={self.t2_scale}, "
-                f"reduction={self.reduction!r}, teacher_kind={self.teacher_kind!r}, "
-                f"{_spine.divergence_repr(self.divergence, self.beta, self.teacher_temperature)}")
+        return kd_loss(student, teacher, target, **self.settings())
