@@ -71,7 +71,8 @@ def contract_rows(student, log_p, target, inv_student_temp, kd_coef, ce_coef, di
         d = divergence_rows(log_p, log_q, "jsd", beta)
         log_m = log_q if beta == 0 else log_p if beta == 1 else torch.logaddexp(
             log_p + math.log(beta), log_q + math.log1p(-beta))
-        g = (1 - beta) * (log_q - log_m)
+        # beta = 1: D = KL(p || p) = 0 for every q, so g = 0 (also where p = 0 < q, not 0 * inf).
+        g = torch.zeros_like(q) if beta == 1 else (1 - beta) * (log_q - log_m)
         dd = q * (g - (q * g).sum(-1, keepdim=True))
     rows, grad = kd_coef * d, kd_coef * inv_student_temp * dd
     if target is not None:
@@ -216,14 +217,14 @@ def test_teacher_temperature_defaults_to_temperature_and_matters():
 
 @pytest.mark.parametrize("backend,device", KD_CASES)
 def test_extreme_logits(backend, device):
-    """Logits of +-1e4 and -inf teacher entries: forward_kl and jsd stay finite with finite gradients;
-    reverse_kl where the teacher gives 0 and the student not is +inf."""
+    """Logits of +-1e4 and -inf teacher entries: forward_kl and jsd (beta 0, 0.3 and 1) stay finite with
+    finite gradients; reverse_kl where the teacher gives 0 and the student not is +inf."""
     dtype = _dtype(backend)
     s = torch.tensor([[1e4, -1e4, 0.0, 3.0], [-1e4, 1e4, 2.0, 1.0], [0.5, 0.0, -0.5, 1.0]], dtype=torch.float64)
     t = torch.tensor([[1e4, -math.inf, 0.0, -1e4], [2.0, 1e4, -math.inf, 0.0], [1.0, 2.0, 3.0, -math.inf]],
                      dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
-    for divergence, beta in (("forward_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("reverse_kl", 0.5)):
+    for divergence, beta in (("forward_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0), ("reverse_kl", 0.5)):
         kw = dict(temperature=1.5, alpha=0.5, reduction="none", divergence=divergence, beta=beta)
         want, want_grad = _loss_and_grad(lambda x: kd_loss_reference(x, t, y, **kw), s)
         got = ued_fast.kd_loss(s.to(dtype).to(device), t.to(dtype).to(device), y.to(device), backend=backend, **kw)

@@ -71,7 +71,11 @@ def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = 
         log_m = log_p
     else:
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    return beta * _weighted_log_ratio(log_p, log_m) + (1.0 - beta) * _weighted_log_ratio(log_q, log_m)
+    # A side of weight 0 counts nowhere: at beta = 1, KL(q || m) = KL(q || p) may be +inf (p = 0 < q) and
+    # 0 * inf is NaN, so that side is taken against itself (0, and the student stays in the graph).
+    p_side = _weighted_log_ratio(log_p, log_m if beta > 0.0 else log_p)
+    q_side = _weighted_log_ratio(log_q, log_m if beta < 1.0 else log_q)
+    return beta * p_side + (1.0 - beta) * q_side
 
 
 def _kd_rows(
