@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from .. import _backend
+from . import _checks
 from ..reference import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_DIVERGENCE, DEFAULT_IGNORE_INDEX,  # noqa: F401
                          DEFAULT_REDUCTION, DEFAULT_TEMPERATURE, DIVERGENCES, MIXES, compute_dtype)
 
@@ -73,8 +74,16 @@ def _resolve(op: str, backend: str | None, device: str, is_fp64: bool, k: int) -
 
 def resolve_backend(op: str, backend: str | None, x: torch.Tensor, k: int = 1) -> str:
     """The backend a call of `op` runs on, for its main input x (and k teachers): `backend` if given and
-    it takes the call (else a clear error), the best one that does when None. 'reference' takes all."""
-    return _resolve(op, backend, str(x.device), x.dtype == torch.float64, k)
+    it takes the call (else a clear error), the best one that does when None. 'reference' takes all,
+    and every call under torch.func transforms (grad, vmap, ...): the kernels have no batching rules."""
+    chosen = _resolve(op, backend, str(x.device), x.dtype == torch.float64, k)
+    return "reference" if _checks.transforms_active() else chosen
+
+
+def kd_scalars(temperature, alpha, beta, teacher_temperature) -> tuple:
+    """The checked KD scalars as Python floats (teacher_temperature may stay None)."""
+    return (float(temperature), float(alpha), float(beta),
+            None if teacher_temperature is None else float(teacher_temperature))
 
 
 # --- the native call ------------------------------------------------------------------------------------

@@ -161,12 +161,11 @@ def ensemble_kd_loss(
     stack = _as_teacher_stack(teachers, student)
     k = stack.shape[0] if isinstance(stack, torch.Tensor) else len(stack)
     _checks.check_mix_weights(OP, weights, k, student, "student")
-    temperature, alpha, beta = float(temperature), float(alpha), float(beta)
-    teacher_temperature = None if teacher_temperature is None else float(teacher_temperature)
+    temperature, alpha, beta, teacher_temperature = _spine.kd_scalars(temperature, alpha, beta, teacher_temperature)
     _checks.guard_kd_inputs(OP, student, stack if isinstance(stack, torch.Tensor) else stack[0], teacher_kind,
                             temperature)
     chosen = _spine.resolve_backend(OP, backend, student, k)
-    if chosen == "reference" or _checks.transforms_active():  # the kernels have no batching rules
+    if chosen == "reference":
         return ensemble_kd_loss_reference(student, stack, weights, target, mix=mix, temperature=temperature,
                                           alpha=alpha, t2_scale=t2_scale, reduction=reduction,
                                           ignore_index=ignore_index, teacher_kind=teacher_kind,

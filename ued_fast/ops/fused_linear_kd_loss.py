@@ -382,11 +382,8 @@ def fused_linear_kd_loss(
     _check_common(OP, temperature, alpha, t2_scale, reduction, ignore_index, chunk_size, divergence, beta,
                   teacher_temperature)
     _checks.check_target(OP, target, hidden, ignore_index, "hidden", num_classes=v)
-    temperature, alpha, beta = float(temperature), float(alpha), float(beta)
-    teacher_temperature = None if teacher_temperature is None else float(teacher_temperature)
+    temperature, alpha, beta, teacher_temperature = _spine.kd_scalars(temperature, alpha, beta, teacher_temperature)
     chosen = _spine.resolve_backend(OP, backend, hidden)
-    if _checks.transforms_active():
-        chosen = "reference"  # torch.func (grad, vmap, ...): the native kernels cannot be batched
     if chosen == "reference":
         with torch.no_grad():
             t = teacher if teacher_weight is None else _linear(teacher, teacher_weight, teacher_bias)
@@ -483,11 +480,8 @@ def fused_linear_ensemble_kd_loss(
     _checks.check_target(op, target, hidden, ignore_index, "hidden", num_classes=v)
     _checks.check_mix_weights(op, weights, k, hidden, "hidden")
     mix_weights = _spine.normalized_mix_weights(weights, k, hidden)
-    temperature, alpha, beta = float(temperature), float(alpha), float(beta)
-    teacher_temperature = None if teacher_temperature is None else float(teacher_temperature)
+    temperature, alpha, beta, teacher_temperature = _spine.kd_scalars(temperature, alpha, beta, teacher_temperature)
     chosen = _spine.resolve_backend(op, backend, hidden, k)
-    if _checks.transforms_active():
-        chosen = "reference"  # torch.func (grad, vmap, ...): the native kernels cannot be batched
     if chosen == "reference":
         with torch.no_grad():
             t = [x if tw is None else _linear(x, tw, tb) for x, tw, tb in zip(teacher_list, tw_list, tb_list)]

@@ -284,7 +284,7 @@ def grouped_heads(
     """
     cover = check_heads_args(features, weight, bias, cover, mode)
     chosen = _spine.resolve_backend(OP, backend, features)
-    if chosen == "reference" or _checks.transforms_active():  # the kernels have no batching rules
+    if chosen == "reference":
         return grouped_heads_reference(features, weight, bias, cover, mode=mode)
     cover_flat, cover_sizes = _flat_cover(cover)
     num_classes = 1 + max(cover_flat)

@@ -110,11 +110,10 @@ def kd_loss(
     """
     _checks.check_kd_args(OP, student, teacher, target, temperature, alpha, t2_scale, reduction, ignore_index,
                           teacher_kind, divergence, beta, teacher_temperature)
-    temperature, alpha, beta = float(temperature), float(alpha), float(beta)
-    teacher_temperature = None if teacher_temperature is None else float(teacher_temperature)
+    temperature, alpha, beta, teacher_temperature = _spine.kd_scalars(temperature, alpha, beta, teacher_temperature)
     _checks.guard_kd_inputs(OP, student, teacher, teacher_kind, temperature)
     chosen = _spine.resolve_backend(OP, backend, student)
-    if chosen == "reference" or _checks.transforms_active():  # the kernels have no batching rules
+    if chosen == "reference":
         return kd_loss_reference(student, teacher, target, temperature=temperature, alpha=alpha,
                                  t2_scale=t2_scale, reduction=reduction, ignore_index=ignore_index,
                                  teacher_kind=teacher_kind, divergence=divergence, beta=beta,
