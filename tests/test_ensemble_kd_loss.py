@@ -12,6 +12,7 @@ import torch
 
 import ued_fast
 from ued_fast import EnsembleKDLoss, ensemble_kd_loss, ensemble_kd_loss_reference
+from ued_fast.ops import _spine
 from ued_fast.ops.ensemble_kd_loss import _ensemble_kd_loss_op, stacked_view
 
 DEVICE_BACKENDS = [("cpu", b) for b in ued_fast.available_backends("cpu")]
@@ -368,7 +369,8 @@ def test_triton_chunked_kernel_on_small_rows(mix):
         if has_target:
             y[3] = -100
         rows, grad = ensemble_kd_loss_fwd(s.to(device), t.to(device), w.to(device),
-                                          None if y is None else y.to(device), 1.5, 0.25, True, -100, mix, True,
+                                          None if y is None else y.to(device),
+                                          *_spine.kd_coefficients(1.5, 0.25, True, y is not None), -100, mix, True,
                                           block_c=16)
         s64 = s.double().requires_grad_()
         ref = ensemble_kd_loss_reference(s64, t.double(), w.double(), y, mix=("prob", "logit")[mix],

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import ued_fast
+from ued_fast.ops import _spine
 from ued_fast.ops import kd_loss as kd_ops
 from ued_fast.reference import REDUCTIONS, TEACHER_KINDS, kd_loss_reference
 
@@ -357,7 +358,8 @@ def test_native_kernel_out_of_range_target_is_nan_row():
             continue
         s, t, _ = make_inputs(4, 10, torch.float32, device, seed=21)
         y = torch.tensor([1, 10, -3, -100], device=device)
-        rows, grad = kd_ops._native_forward(backend, s, t, y, 2.0, 0.5, True, -100, "logits", True)
+        rows, grad = _spine.native_forward("kd_loss", backend, s, t, y, *_spine.kd_coefficients(2.0, 0.5, True, True),
+                                           -100, 0, True)
         rows, grad = rows.cpu(), grad.cpu()
         assert bool(torch.isfinite(rows[0])) and bool(torch.isnan(rows[1:3]).all()) and rows[3] == 0, backend
         assert bool(torch.isfinite(grad[0]).all()) and bool((grad[3] == 0).all()), backend
@@ -411,7 +413,7 @@ def test_opcheck_cpp():
             torch.library.opcheck(torch.ops.ued_fast.kd_loss.default, args)
     # The C++ forward itself (CPU and Meta kernels), without autograd.
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        args = (s.to(dtype), t.to(dtype), y, 2.0, 0.5, True, -100, 0, True)
+        args = (s.to(dtype), t.to(dtype), y, *_spine.kd_coefficients(2.0, 0.5, True, True), -100, 0, True)
         torch.library.opcheck(torch.ops.ued_fast.kd_loss_fwd.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -507,12 +509,12 @@ def test_cpp_kernel_rejects_bad_arguments_itself():
     s, t = torch.randn(3, 4), torch.randn(3, 4)
     fwd = torch.ops.ued_fast.kd_loss_fwd
     with pytest.raises(ValueError, match="teacher"):
-        fwd(s, torch.randn(3, 5), None, 1.0, 0.5, True, -100, 0, True)
+        fwd(s, torch.randn(3, 5), None, 1.0, 1.0, 1.0, 0.0, 0, 0.5, -100, 0, True)
     with pytest.raises(ValueError, match="temperature"):
-        fwd(s, t, None, 0.0, 0.5, True, -100, 0, True)
+        fwd(s, t, None, 0.0, 1.0, 1.0, 0.0, 0, 0.5, -100, 0, True)
     with pytest.raises(ValueError, match="teacher_kind"):
-        fwd(s, t, None, 1.0, 0.5, True, -100, 3, True)
+        fwd(s, t, None, 1.0, 1.0, 1.0, 0.0, 0, 0.5, -100, 3, True)
     with pytest.raises(TypeError, match="target"):
-        fwd(s, t, torch.zeros(3, dtype=torch.int32), 1.0, 0.5, True, -100, 0, True)
+        fwd(s, t, torch.zeros(3, dtype=torch.int32), 1.0, 1.0, 1.0, 0.0, 0, 0.5, -100, 0, True)
     with pytest.raises(TypeError, match="student"):
-        fwd(s.int(), t, None, 1.0, 0.5, True, -100, 0, True)
+        fwd(s.int(), t, None, 1.0, 1.0, 1.0, 0.0, 0, 0.5, -100, 0, True)

@@ -23,6 +23,13 @@ MIXES = ("prob", "logit")
 # reverse_kl = KL(q || p), jsd = beta*KL(p || m) + (1-beta)*KL(q || m) with m = beta*p + (1-beta)*q.
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 HEAD_MODES = ("logit_mean", "prob_mean")
+# The KD ops' defaults, written once (the ops take them from here).
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_ALPHA = 0.9
+DEFAULT_BETA = 0.5
+DEFAULT_IGNORE_INDEX = -100
+DEFAULT_REDUCTION = "batchmean"
+DEFAULT_DIVERGENCE = "forward_kl"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,19 +57,25 @@ def _weighted_log_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tenso
     return (a * torch.where(a == 0, torch.zeros_like(log_a), log_a - log_b)).sum(-1)
 
 
-def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = "forward_kl",
-                    beta: float = 0.5) -> torch.Tensor:
+def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = DEFAULT_DIVERGENCE,
+                    beta: float = DEFAULT_BETA) -> torch.Tensor:
     """Per-row divergence [N] between the teacher's log-distribution log_p and the student's log_q."""
     if divergence == "forward_kl":
         return _weighted_log_ratio(log_p, log_q)
     if divergence == "reverse_kl":
         return _weighted_log_ratio(log_q, log_p)
-    if beta in (0.0, 1.0):
-        # m is q (or p): the weighted side is KL(q || q) = 0 and the other has weight 0. Zero rows that
-        # stay in the graph and still carry a NaN input (0 * inf would make a NaN where q = 0 < p).
-        return 0.0 * torch.where(torch.isinf(log_q), torch.zeros_like(log_q), log_q).sum(-1)
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    return beta * _weighted_log_ratio(log_p, log_m) + (1.0 - beta) * _weighted_log_ratio(log_q, log_m)
+    # log m = logsumexp(log beta + log p, log(1-beta) + log q); beta in {0, 1} drops a side exactly.
+    if beta == 0.0:
+        log_m = log_q
+    elif beta == 1.0:
+        log_m = log_p
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    # A side of weight 0 counts nowhere: at beta = 1, KL(q || m) = KL(q || p) may be +inf (p = 0 < q) and
+    # 0 * inf is NaN, so that side is taken against itself (0, and the student stays in the graph).
+    p_side = _weighted_log_ratio(log_p, log_m if beta > 0.0 else log_p)
+    q_side = _weighted_log_ratio(log_q, log_m if beta < 1.0 else log_q)
+    return beta * p_side + (1.0 - beta) * q_side
 
 
 def _kd_rows(
@@ -73,8 +86,8 @@ def _kd_rows(
     alpha: float,
     t2_scale: bool,
     ignore_index: int,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
+    divergence: str = DEFAULT_DIVERGENCE,
+    beta: float = DEFAULT_BETA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss [N] and row validity [N] for student logits (tempered by `temperature`) against a
     tempered teacher distribution."""
@@ -109,14 +122,14 @@ def kd_loss_reference(
     teacher: torch.Tensor,
     target: torch.Tensor | None = None,
     *,
-    temperature: float = 4.0,
-    alpha: float = 0.9,
+    temperature: float = DEFAULT_TEMPERATURE,
+    alpha: float = DEFAULT_ALPHA,
     t2_scale: bool = True,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
+    reduction: str = DEFAULT_REDUCTION,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     teacher_kind: str = "logits",
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
+    divergence: str = DEFAULT_DIVERGENCE,
+    beta: float = DEFAULT_BETA,
     teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """DESIGN 2.1. loss = alpha*s2*D(p, q) + (1-alpha)*CE(s, y) per row, q = softmax(s/T), s2 = T^2 if
@@ -167,14 +180,14 @@ def ensemble_kd_loss_reference(
     target: torch.Tensor | None = None,
     *,
     mix: str = "prob",
-    temperature: float = 4.0,
-    alpha: float = 0.9,
+    temperature: float = DEFAULT_TEMPERATURE,
+    alpha: float = DEFAULT_ALPHA,
     t2_scale: bool = True,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
+    reduction: str = DEFAULT_REDUCTION,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     teacher_kind: str = "logits",
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
+    divergence: str = DEFAULT_DIVERGENCE,
+    beta: float = DEFAULT_BETA,
     teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """DESIGN 2.2. kd_loss against the mixture of K teachers, each given as `teacher_kind` (as in kd_loss).

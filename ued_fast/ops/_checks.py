@@ -7,6 +7,8 @@ import warnings
 
 import torch
 
+from ..reference import DEFAULT_BETA, DEFAULT_DIVERGENCE, DIVERGENCES, REDUCTIONS, TEACHER_KINDS
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -44,8 +46,47 @@ def check_kd_scalars(op: str, temperature, alpha, t2_scale, ignore_index) -> Non
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
-def check_target(op: str, target, student: torch.Tensor, ignore_index: int) -> None:
-    """target: None or int64 [N] on the student's device, values in [0, C) or ignore_index.
+def check_divergence_args(op: str, divergence, beta, teacher_temperature) -> None:
+    check_choice(op, "divergence", divergence, DIVERGENCES)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"{op}: beta must be a number, got {type(beta).__name__}")
+    if not (math.isfinite(beta) and 0.0 <= beta <= 1.0):
+        raise ValueError(f"{op}: beta must be finite and in [0, 1], got {beta}")
+    if teacher_temperature is None:
+        return
+    if isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float)):
+        raise TypeError(f"{op}: teacher_temperature must be a number or None, got "
+                        f"{type(teacher_temperature).__name__}")
+    if not (math.isfinite(teacher_temperature) and teacher_temperature > 0):
+        raise ValueError(f"{op}: teacher_temperature must be finite and > 0, got {teacher_temperature}")
+
+
+def check_kd_args(op, student, teacher, target, temperature, alpha, t2_scale, reduction, ignore_index,
+                  teacher_kind=None, divergence=DEFAULT_DIVERGENCE, beta=DEFAULT_BETA, teacher_temperature=None):
+    """The arguments every KD op takes: student [N, C] logits, teacher [N, C] (None: checked by the op),
+    target, the scalars, reduction, teacher_kind (None: not taken) and the divergence's arguments."""
+    check_tensor(op, "student", student, dims=2, floating=True)
+    if student.shape[0] == 0:
+        raise ValueError(f"{op}: student is an empty batch (shape {tuple(student.shape)})")
+    if student.shape[1] == 0:
+        raise ValueError(f"{op}: student has no classes (shape {tuple(student.shape)})")
+    if teacher is not None:
+        check_tensor(op, "teacher", teacher, dims=2, floating=True)
+        if teacher.shape != student.shape:
+            raise ValueError(f"{op}: teacher has shape {tuple(teacher.shape)} but student has {tuple(student.shape)}")
+        check_same_device(op, "teacher", teacher, "student", student)
+    check_kd_scalars(op, temperature, alpha, t2_scale, ignore_index)
+    check_choice(op, "reduction", reduction, REDUCTIONS)
+    if teacher_kind is not None:
+        check_choice(op, "teacher_kind", teacher_kind, TEACHER_KINDS)
+    check_divergence_args(op, divergence, beta, teacher_temperature)
+    check_target(op, target, student, ignore_index)
+
+
+def check_target(op: str, target, rows: torch.Tensor, ignore_index: int, rows_name: str = "student",
+                 num_classes: int | None = None) -> None:
+    """target: None or int64 [N] on the device of `rows` (the op's [N, ...] input, named rows_name), values
+    in [0, C) or ignore_index; C is rows' last dimension unless num_classes says otherwise.
 
     The value check reads the tensor, so it runs only for CPU tensors: on a GPU it would be a host
     synchronization. GPU kernels give a NaN row loss for an out-of-range target instead.
@@ -55,19 +96,33 @@ def check_target(op: str, target, student: torch.Tensor, ignore_index: int) -> N
     check_tensor(op, "target", target, dims=1)
     if target.dtype != torch.int64:
         raise TypeError(f"{op}: target must be int64 class indices, got {target.dtype}")
-    if target.shape[0] != student.shape[0]:
-        raise ValueError(
-            f"{op}: target has {target.shape[0]} rows but student has {student.shape[0]}"
-        )
-    check_same_device(op, "target", target, "student", student)
+    if target.shape[0] != rows.shape[0]:
+        raise ValueError(f"{op}: target has {target.shape[0]} rows but {rows_name} has {rows.shape[0]}")
+    check_same_device(op, "target", target, rows_name, rows)
     if target.device.type == "cpu" and not _is_fake(target):
-        c = student.shape[-1]
+        c = rows.shape[-1] if num_classes is None else num_classes
         bad = (target != ignore_index) & ((target < 0) | (target >= c))
         if bool(bad.any()):
             first = int(target[bad][0])
             raise ValueError(
                 f"{op}: target holds class {first}, outside [0, {c}) and not ignore_index={ignore_index}"
             )
+
+
+def check_mix_weights(op: str, weights, k: int, rows: torch.Tensor, rows_name: str) -> None:
+    """weights: None, [K] or [K, N] on the device of `rows` [N, ...]; finite, >= 0, not all 0 over K."""
+    if weights is None:
+        return
+    check_tensor(op, "weights", weights, floating=True)
+    n = rows.shape[0]
+    if tuple(weights.shape) not in ((k,), (k, n)):
+        raise ValueError(f"{op}: weights must have shape [{k}] or [{k}, {n}], got {tuple(weights.shape)}")
+    check_same_device(op, "weights", weights, rows_name, rows)
+    if weights.device.type == "cpu" and not torch.compiler.is_compiling():  # value checks would break graphs
+        if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+            raise ValueError(f"{op}: weights must be finite and >= 0")
+        if bool((weights.sum(0) <= 0).any()):
+            raise ValueError(f"{op}: weights must not sum to 0 over the K teachers")
 
 
 def _is_fake(x: torch.Tensor) -> bool:

@@ -4,17 +4,20 @@ Spec: ued_fast.reference.ensemble_kd_loss_reference. Backends: 'cpp' and 'cuda' 
 torch.ops.ued_fast.ensemble_kd_loss_fwd (csrc/ensemble_kd_loss.cpp, csrc/ensemble_kd_loss_cuda.cu),
 'triton' is ued_fast.kernels.ensemble_kd_loss, 'reference' is the spec (differentiated by autograd).
 
-Every native backend implements one forward with this contract:
+Every native backend implements one forward, the kernel contract (CONTRACT.md):
     ensemble_kd_loss_fwd(student [N, C], teachers: K tensors [N, C] in the student's dtype (unit stride
-                         along classes, any row stride; views of one [K, N, C] tensor are not copied),
-                         weights [K, N] normalized over K (float32; float64 for a float64 student),
-                         target [N] int64 or None, temperature, alpha, t2_scale, ignore_index,
-                         mix (0 'prob', 1 'logit'), compute_grad)
+                         along classes, any row stride; views of one [K, N, C] tensor are not copied;
+                         Triton takes them as one [K, N, C] tensor), weights [K, N] normalized over K
+                         (float32; float64 for a float64 student), target [N] int64 or None,
+                         inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence, beta,
+                         ignore_index, mix (0 'prob', 1 'logit'), compute_grad)
       -> row_loss [N] float32 (float64 for float64), 0 on ignored rows;
          grad [N, C] contiguous in the student's dtype, d row_loss[i] / d student[i] (0 on ignored
          rows), or an empty tensor when compute_grad is False.
-The kernels read each teacher row, form the mixture in registers and never write a [K, N, C] or
-[N, C] target tensor. Backward is one multiply of the saved gradient, as in kd_loss.
+The teachers reach the kernels as log-space scores (logits, log-probs, or the log of probabilities),
+tempered by inv_teacher_temp (1 for the already-tempered kinds). The kernels read each teacher row, form
+the mixture in registers and never write a [K, N, C] or [N, C] target tensor. Backend choice, the native
+call and the autograd are the spine's (ops/_spine.py), as in kd_loss.
 """
 from __future__ import annotations
 
@@ -24,15 +27,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .. import _backend
 from ..reference import MIXES, compute_dtype, ensemble_kd_loss_reference, teacher_scores
-from . import _checks
-from .kd_loss import check_kd_args, fake_kd_outputs, reduction_scale, reference_grad, student_grad
+from . import _checks, _spine
+from ._spine import (CUDA_MAX_TEACHERS, DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_DIVERGENCE,  # noqa: F401
+                     DEFAULT_IGNORE_INDEX, DEFAULT_REDUCTION, DEFAULT_TEMPERATURE, stacked_view)
 
 OP = "ensemble_kd_loss"
-_MIX_CODE = {name: i for i, name in enumerate(MIXES)}
-# The CUDA kernel passes the teacher pointers by value in its launch arguments.
-CUDA_MAX_TEACHERS = 32
 
 
 def _as_teacher_stack(teachers, student: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -54,176 +54,49 @@ def _as_teacher_stack(teachers, student: torch.Tensor) -> torch.Tensor | list[to
     return list(teachers)
 
 
-def _check_weights(weights, k: int, student: torch.Tensor) -> None:
-    if weights is None:
-        return
-    _checks.check_tensor(OP, "weights", weights, floating=True)
-    n = student.shape[0]
-    if tuple(weights.shape) not in ((k,), (k, n)):
-        raise ValueError(f"{OP}: weights must have shape [{k}] or [{k}, {n}], got {tuple(weights.shape)}")
-    _checks.check_same_device(OP, "weights", weights, "student", student)
-    if weights.device.type == "cpu" and not torch.compiler.is_compiling():  # value checks would break graphs
-        if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
-            raise ValueError(f"{OP}: weights must be finite and >= 0")
-        if bool((weights.sum(0) <= 0).any()):
-            raise ValueError(f"{OP}: weights must not sum to 0 over the K teachers")
-
-
-def stacked_view(teachers: Sequence[torch.Tensor]) -> torch.Tensor:
-    """K same-shaped [N, C] tensors as one [K, N, C] tensor: a view when they are equally spaced views
-    of one storage (e.g. the unbind of a stack), else a copy (torch.stack)."""
-    first = teachers[0]
-    if len(teachers) == 1:
-        return first.unsqueeze(0)
-    step = teachers[1].storage_offset() - first.storage_offset()
-    same_layout = all(
-        t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-        and t.stride() == first.stride() and t.dtype == first.dtype
-        and t.storage_offset() == first.storage_offset() + k * step
-        for k, t in enumerate(teachers)
-    )
-    if same_layout and step >= 0:
-        return first.as_strided((len(teachers),) + tuple(first.shape), (step,) + tuple(first.stride()),
-                                first.storage_offset())
-    return torch.stack(list(teachers))
-
-
-def _native_forward(backend, student, teachers, weights, target, temperature, alpha, t2_scale, ignore_index,
-                    mix, compute_grad):
-    code = _MIX_CODE[mix]
-    if backend == "triton":
-        from ..kernels.ensemble_kd_loss import ensemble_kd_loss_fwd as triton_ensemble_kd_loss_fwd
-
-        return triton_ensemble_kd_loss_fwd(student, stacked_view(teachers), weights, target, temperature, alpha,
-                                           t2_scale, ignore_index, code, compute_grad)
-    return torch.ops.ued_fast.ensemble_kd_loss_fwd(student, teachers, weights, target, temperature, alpha,
-                                                   t2_scale, ignore_index, code, compute_grad)
-
-
-@torch.library.custom_op("ued_fast::ensemble_kd_loss", mutates_args=())
-def _ensemble_kd_loss_op(
+def _forward(
     student: torch.Tensor, teachers: list[torch.Tensor], weights: torch.Tensor, target: torch.Tensor | None,
     temperature: float, alpha: float, t2_scale: bool, reduction: str, ignore_index: int, mix: str,
-    backend: str, compute_grad: bool,
+    backend: str, compute_grad: bool, divergence: str = DEFAULT_DIVERGENCE, beta: float = DEFAULT_BETA,
+    teacher_temperature: float | None = None, teacher_kind: str = "logits",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, grad of the row losses [N, C] or empty, reduction scale 0-d)."""
-    return _forward_impl(student, teachers, weights, target, temperature, alpha, t2_scale, reduction, ignore_index,
-                         mix, backend, compute_grad)
+    """Returns (loss, grad of the row losses [N, C] or empty, reduction scale 0-d). teachers are log-space
+    scores: teacher_kind 'logits', 'log_probs' or 'tempered_log_probs'."""
+    coefficients = _spine.kd_coefficients(temperature, alpha, t2_scale, target is not None, teacher_kind,
+                                          teacher_temperature, divergence, beta)
+    rows, grad = _spine.native_forward(OP, backend, student, teachers, weights, target, *coefficients,
+                                       ignore_index, _spine.MIX_CODE[mix], compute_grad)
+    return _spine.reduce_rows(rows, grad, target, ignore_index, reduction, student.shape[1])
 
 
-def _forward_impl(student, teachers, weights, target, temperature, alpha, t2_scale, reduction, ignore_index, mix,
-                  backend, compute_grad):
-    rows, grad = _native_forward(backend, student, teachers, weights, target, temperature, alpha, t2_scale,
-                                 ignore_index, mix, compute_grad)
-    valid = None if target is None else target != ignore_index
-    scale = reduction_scale(valid, student.shape[0], student.shape[1], reduction, rows.dtype, rows.device)
-    loss = rows if reduction == "none" else rows.sum() * scale
-    return loss, grad, scale
+def _split(student, teachers, weights, target, temperature, alpha, t2_scale, reduction, ignore_index, mix, backend,
+           compute_grad, divergence, beta, teacher_temperature, teacher_kind) -> _spine.KDCall:
+    spec = dict(temperature=temperature, alpha=alpha, t2_scale=t2_scale, reduction=reduction,
+                ignore_index=ignore_index, mix=mix, divergence=divergence, beta=beta,
+                teacher_temperature=teacher_temperature, teacher_kind=teacher_kind)
+    return _spine.KDCall(student, (weights, target, *teachers), spec, reduction, compute_grad)
 
 
-@_ensemble_kd_loss_op.register_fake
-def _(student, teachers, weights, target, temperature, alpha, t2_scale, reduction, ignore_index, mix, backend,
-      compute_grad):
-    return fake_kd_outputs(student, reduction, compute_grad)
+def _reference_of_scores(student, weights, target, *teachers, **spec):
+    return ensemble_kd_loss_reference(student, torch.stack(teachers), weights, target, **spec)
 
 
-def _setup_context(ctx, inputs, output):
-    student, teachers, weights, target = inputs[:4]
-    _, grad, scale = output
-    ctx.reduction = inputs[7]
-    ctx.num_teachers = len(teachers)
-    ctx.spec = _spec(*inputs[4:10])
-    ctx.save_for_backward(grad, scale, student, weights, target, *teachers)
+_ensemble_kd_loss_op = torch.library.custom_op("ued_fast::ensemble_kd_loss", _forward, mutates_args=())
+_AUTOGRAD = _spine.KDAutograd(OP, _ensemble_kd_loss_op, _forward, _split, _reference_of_scores)
 
 
-def _spec(temperature, alpha, t2_scale, reduction, ignore_index, mix) -> dict:
-    """The reference's keyword arguments for a kernel call (its teachers are logits)."""
-    return dict(temperature=temperature, alpha=alpha, t2_scale=t2_scale, reduction=reduction,
-                ignore_index=ignore_index, mix=mix)
-
-
-def _student_grad(ctx, grad_loss):
-    """The student's gradient from the saved tensors: the kernels' one, or with create_graph=True the
-    reference's, recomputed so that it is differentiable again."""
-    grad, scale, student, weights, target, *teachers = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None
-    if torch.is_grad_enabled():
-        stack = torch.stack(teachers)
-        (grad_student,) = reference_grad(
-            lambda s: ensemble_kd_loss_reference(s, stack, weights, target, **ctx.spec), (student,), grad_loss)
-        return grad_student
-    return student_grad(OP, grad, scale, grad_loss, ctx.reduction)
-
-
-def _backward(ctx, grad_loss, _grad_grad, _grad_scale):
-    return (_student_grad(ctx, grad_loss), [None] * ctx.num_teachers) + (None,) * 10
-
-
-_ensemble_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerEnsembleKDLoss(torch.autograd.Function):
-    """Eager-mode twin of the custom op: same forward and backward, without the custom-op wrapper's
-    per-call cost (~0.2 ms, which dominates at CIFAR shapes). torch.compile always takes the custom op,
+class _EagerEnsembleKDLoss(_spine.EagerKDFunction):
+    """ensemble_kd_loss's eager autograd (see _spine.KDAutograd); torch.compile takes the custom op,
     torch.func transforms the reference."""
 
-    @staticmethod
-    def forward(ctx, student, weights, target, temperature, alpha, t2_scale, reduction, ignore_index, mix, backend,
-                compute_grad, *teachers):
-        loss, grad, scale = _forward_impl(student, list(teachers), weights, target, temperature, alpha, t2_scale,
-                                          reduction, ignore_index, mix, backend, compute_grad)
-        ctx.reduction = reduction
-        ctx.spec = _spec(temperature, alpha, t2_scale, reduction, ignore_index, mix)
-        ctx.save_for_backward(grad, scale, student, weights, target, *teachers)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return (_student_grad(ctx, grad_loss),) + (None,) * (len(ctx.needs_input_grad) - 1)
-
-
-def _resolve(backend, student: torch.Tensor, k: int) -> str:
-    return _pick_backend(backend, str(student.device), student.dtype == torch.float64, k)
-
-
-@_backend.constant_under_compile
-def _pick_backend(backend: str | None, device: str, is_fp64: bool, k: int) -> str:
-    """A constant for torch.compile: backend discovery imports modules, which dynamo must not trace."""
-    device = torch.device(device)
-    if backend is None and device.type != "cpu":
-        if is_fp64:
-            return "reference"  # the GPU kernels are written for 16- and 32-bit floats
-        return [b for b in _backend.available_backends(device) if not (b == "cuda" and k > CUDA_MAX_TEACHERS)][0]
-    chosen = _backend.resolve_backend(backend, device, OP)
-    if chosen in ("triton", "cuda") and is_fp64:
-        raise TypeError(f"{OP}: backend={chosen!r} takes float32, bfloat16 or float16 student, not float64")
-    if chosen == "cuda" and k > CUDA_MAX_TEACHERS:
-        raise ValueError(f"{OP}: backend='cuda' takes at most {CUDA_MAX_TEACHERS} teachers, got K={k}")
-    return chosen
-
-
-def _normalized_weights(weights: torch.Tensor | None, k: int, student: torch.Tensor) -> torch.Tensor:
-    """[K, N] weights summing to 1 over K, float32 (float64 for float64 student); [K] and None stay
-    stride-0 expansions, so nothing of size K*N is written for them."""
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    n = student.shape[0]
-    if weights is None:
-        return torch.full((k, 1), 1.0 / k, dtype=dtype, device=student.device).expand(k, n)
-    w = weights.detach().to(dtype)
-    if w.dim() == 1:
-        return (w / w.sum())[:, None].expand(k, n)
-    return w / w.sum(0, keepdim=True)
-
-
-def _as_logits(teacher: torch.Tensor, temperature: float, teacher_kind: str) -> torch.Tensor:
-    """A teacher as the kernels take it, logits they temper by T: x with x / T = the teacher's tempered
-    log-space scores (see reference.teacher_scores). Logits and log-probs pass unchanged; probs cost one
-    log, already-tempered kinds one log and one multiply by T."""
-    if teacher_kind in ("logits", "log_probs"):
-        return teacher
-    scores, applied = teacher_scores(teacher.to(compute_dtype(teacher.dtype)), temperature, teacher_kind)
-    return scores if applied == temperature else scores * (temperature / applied)
+def _as_scores(teacher: torch.Tensor, teacher_kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, str]:
+    """A teacher as the kernels take it: log-space scores in the student's dtype, and their kind. Logits and
+    log-probs pass unchanged; probabilities cost one log (in float32, float64 for float64)."""
+    if teacher_kind in ("probs", "tempered_probs"):
+        scores, _ = teacher_scores(teacher.to(compute_dtype(teacher.dtype)), 1.0, teacher_kind)
+        return scores.to(dtype), teacher_kind.replace("probs", "log_probs")
+    return teacher.to(dtype), teacher_kind
 
 
 def _reject_positional_weights(target) -> None:
@@ -255,79 +128,79 @@ def ensemble_kd_loss(
     *,
     weights: torch.Tensor | None = None,
     mix: str = "prob",
-    temperature: float = 4.0,
-    alpha: float = 0.9,
+    temperature: float = DEFAULT_TEMPERATURE,
+    alpha: float = DEFAULT_ALPHA,
     t2_scale: bool = True,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
+    reduction: str = DEFAULT_REDUCTION,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     teacher_kind: str = "logits",
+    divergence: str = DEFAULT_DIVERGENCE,
+    beta: float = DEFAULT_BETA,
+    teacher_temperature: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """kd_loss of student [N, C] against the mixture of K teachers ([K, N, C] or a list of [N, C]).
 
     Arguments read as in kd_loss (target third, the rest keyword-only); teacher_kind applies to every
-    teacher and takes kd_loss's kinds. With p_k teacher k's tempered distribution (softmax(t_k/T) for
-    logits) and s_k = log p_k: mix='prob': p = sum_k w_k p_k; mix='logit': p = softmax(sum_k w_k s_k)
-    (for logits, softmax(sum_k w_k t_k / T)). weights: None (uniform), [K] or [K, N], non-negative,
-    normalized over K. reduction='mean' divides by valid rows * C, CE term included (see kd_loss): use
-    'batchmean' unless you mean that. The gradient flows to the student only (teachers and weights are
-    constants); with create_graph=True it is differentiable again (recomputed by the reference). Under
-    torch.func transforms the op runs the reference.
+    teacher and takes kd_loss's kinds. With p_k teacher k's tempered distribution (softmax(t_k/T_t) for
+    logits, T_t = teacher_temperature, default temperature) and s_k = log p_k: mix='prob':
+    p = sum_k w_k p_k; mix='logit': p = softmax(sum_k w_k s_k) (for logits, softmax(sum_k w_k t_k / T_t)).
+    The loss is alpha*T^2*D(p, q) + (1-alpha)*CE per row with D the `divergence` of the mixture p and
+    q = softmax(s/T), as in kd_loss ('forward_kl', 'reverse_kl', 'jsd' with beta).
+    weights: None (uniform), [K] or [K, N], non-negative, normalized over K. reduction='mean' divides by
+    valid rows * C, CE term included (see kd_loss): use 'batchmean' unless you mean that. The gradient
+    flows to the student only (teachers and weights are constants); with create_graph=True it is
+    differentiable again (recomputed by the reference). Under torch.func transforms the op runs the
+    reference.
     backend: None (the best for the device), 'cpp', 'cuda', 'triton' or 'reference'.
     """
     _reject_positional_weights(target)
-    check_kd_args(OP, student, None, target, temperature, alpha, t2_scale, reduction, ignore_index, teacher_kind)
+    _checks.check_kd_args(OP, student, None, target, temperature, alpha, t2_scale, reduction, ignore_index,
+                          teacher_kind, divergence, beta, teacher_temperature)
     _checks.check_choice(OP, "mix", mix, MIXES)
     stack = _as_teacher_stack(teachers, student)
     k = stack.shape[0] if isinstance(stack, torch.Tensor) else len(stack)
-    _check_weights(weights, k, student)
-    temperature, alpha = float(temperature), float(alpha)
+    _checks.check_mix_weights(OP, weights, k, student, "student")
+    temperature, alpha, beta, teacher_temperature = _spine.kd_scalars(temperature, alpha, beta, teacher_temperature)
     _checks.guard_kd_inputs(OP, student, stack if isinstance(stack, torch.Tensor) else stack[0], teacher_kind,
                             temperature)
-    chosen = _resolve(backend, student, k)
-    if chosen == "reference" or _checks.transforms_active():  # the kernels have no batching rules
+    chosen = _spine.resolve_backend(OP, backend, student, k)
+    if chosen == "reference":
         return ensemble_kd_loss_reference(student, stack, weights, target, mix=mix, temperature=temperature,
                                           alpha=alpha, t2_scale=t2_scale, reduction=reduction,
-                                          ignore_index=ignore_index, teacher_kind=teacher_kind)
-    # Kernels take teachers as logits in the student's dtype with unit stride along classes; a [K, N, C]
+                                          ignore_index=ignore_index, teacher_kind=teacher_kind,
+                                          divergence=divergence, beta=beta, teacher_temperature=teacher_temperature)
+    # Kernels take teachers as scores in the student's dtype with unit stride along classes; a [K, N, C]
     # input becomes K views (no copy unless its class dimension is strided or its dtype or kind differs).
     if isinstance(stack, torch.Tensor):
-        stack = _as_logits(stack.detach(), temperature, teacher_kind).to(student.dtype)
-        teacher_list = list(_checks.last_dim_contiguous(stack).unbind(0))
+        scores, kind = _as_scores(stack.detach(), teacher_kind, student.dtype)
+        teacher_list = list(_checks.last_dim_contiguous(scores).unbind(0))
     else:
-        teacher_list = [_checks.last_dim_contiguous(_as_logits(t.detach(), temperature, teacher_kind).to(student.dtype))
-                        for t in stack]
-    w = _normalized_weights(weights, k, student)
+        as_scores = [_as_scores(t.detach(), teacher_kind, student.dtype) for t in stack]
+        teacher_list = [_checks.last_dim_contiguous(scores) for scores, _ in as_scores]
+        kind = as_scores[0][1]
+    w = _spine.normalized_mix_weights(weights, k, student)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
-    student_c = _checks.last_dim_contiguous(student)
-    if torch.compiler.is_compiling():
-        loss, _, _ = _ensemble_kd_loss_op(student_c, teacher_list, w, target, temperature, alpha, t2_scale,
-                                          reduction, ignore_index, mix, chosen, compute_grad)
-        return loss
-    return _EagerEnsembleKDLoss.apply(student_c, w, target, temperature, alpha, t2_scale, reduction, ignore_index,
-                                      mix, chosen, compute_grad, *teacher_list)
+    return _AUTOGRAD.loss(_EagerEnsembleKDLoss, _checks.last_dim_contiguous(student), teacher_list, w, target,
+                          temperature, alpha, t2_scale, reduction, ignore_index, mix, chosen, compute_grad,
+                          divergence, beta, teacher_temperature, kind)
 
 
-class EnsembleKDLoss(nn.Module):
+class EnsembleKDLoss(_spine.KDModuleSettings, nn.Module):
     """nn.Module form of ensemble_kd_loss: forward(student, teachers, target=None, *, weights=None)."""
 
-    def __init__(self, *, mix: str = "prob", temperature: float = 4.0, alpha: float = 0.9, t2_scale: bool = True,
-                 reduction: str = "batchmean", ignore_index: int = -100, teacher_kind: str = "logits",
-                 backend: str | None = None):
+    def __init__(self, *, mix: str = "prob", temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
+                 t2_scale: bool = True, reduction: str = DEFAULT_REDUCTION, ignore_index: int = DEFAULT_IGNORE_INDEX,
+                 teacher_kind: str = "logits", divergence: str = DEFAULT_DIVERGENCE, beta: float = DEFAULT_BETA,
+                 teacher_temperature: float | None = None, backend: str | None = None):
         super().__init__()
-        check_kd_args("EnsembleKDLoss", torch.zeros(1, 1), None, None, temperature, alpha, t2_scale, reduction,
-                      ignore_index, teacher_kind)
+        _checks.check_kd_args("EnsembleKDLoss", torch.zeros(1, 1), None, None, temperature, alpha, t2_scale,
+                              reduction, ignore_index, teacher_kind, divergence, beta, teacher_temperature)
         _checks.check_choice("EnsembleKDLoss", "mix", mix, MIXES)
-        self.mix, self.temperature, self.alpha, self.t2_scale = mix, float(temperature), float(alpha), t2_scale
-        self.reduction, self.ignore_index, self.teacher_kind = reduction, ignore_index, teacher_kind
-        self.backend = backend
+        self.store_settings(mix=mix, temperature=float(temperature), alpha=float(alpha), t2_scale=t2_scale,
+                            reduction=reduction, ignore_index=ignore_index, teacher_kind=teacher_kind,
+                            divergence=divergence, beta=float(beta), teacher_temperature=teacher_temperature,
+                            backend=backend)
 
     def forward(self, student, teachers, target=None, *, weights=None):
-        return ensemble_kd_loss(student, teachers, target, weights=weights, mix=self.mix,
-                                temperature=self.temperature, alpha=self.alpha, t2_scale=self.t2_scale,
-                                reduction=self.reduction, ignore_index=self.ignore_index,
-                                teacher_kind=self.teacher_kind, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"mix={self.mix!r}, temperature={self.temperature}, alpha={self.alpha}, t2_scale={self.t2_scale}, "
-                f"reduction={self.reduction!r}, teacher_kind={self.teacher_kind!r}")
+        return ensemble_kd_loss(student, teachers, target, weights=weights, **self.settings())

@@ -5,10 +5,9 @@ ued_fast.reference.kd_loss_reference (ensemble form: ensemble_kd_loss_reference)
 does exactly that.
 
 The native backends walk the rows in chunks. Per chunk: logits = h_chunk @ W.T (+ b), teacher logits
-(given, or t_chunk @ W_t.T + b_t), then ONE row-kernel call (the public forward contract of kd_loss /
-ensemble_kd_loss: `torch.ops.ued_fast.kd_loss_fwd` / `ensemble_kd_loss_fwd` for 'cpp' and 'cuda',
-`ued_fast.kernels.kd_loss.kd_loss_fwd` / `ued_fast.kernels.ensemble_kd_loss.ensemble_kd_loss_fwd` for
-'triton') gives the row losses and g = d row_loss / d logits. The forward pass then accumulates
+(given, or t_chunk @ W_t.T + b_t), then ONE row-kernel call (the kernel contract of kd_loss /
+ensemble_kd_loss through _spine.native_forward, with the coefficients of _spine.kd_coefficients, so
+every divergence of kd_loss is there) gives the row losses and g = d row_loss / d logits. The forward pass then accumulates
     grad_hidden[chunk] = g @ W,   grad_W += g.T @ h_chunk,   grad_b += g.sum(0)
 (grad_W and grad_b in float32, float64 for float64 input) and scales them once by the reduction's
 factor, which comes from `target` on the device (no host synchronization). Backward is one in-place
@@ -25,26 +24,23 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import _backend
-from ..reference import MIXES, REDUCTIONS, TEACHER_KINDS, ensemble_kd_loss_reference, kd_loss_reference
-from . import _checks
-from .kd_loss import KERNEL_TEACHER_KINDS, kernel_teacher
+from ..reference import (MIXES, REDUCTIONS, TEACHER_KINDS, compute_dtype, ensemble_kd_loss_reference,
+                         kd_loss_reference)
+from . import _checks, _spine
+from ._spine import DEFAULT_BETA, DEFAULT_DIVERGENCE, DEFAULT_IGNORE_INDEX, DEFAULT_REDUCTION
 
 OP = "fused_linear_kd_loss"
 ENSEMBLE_OP = "fused_linear_ensemble_kd_loss"
 # Per-chunk temporaries (logits, their gradient, teacher logits) are sized to stay under this.
 CHUNK_BYTES = 256 * 2**20
-_TEACHER_KIND_CODE = {name: i for i, name in enumerate(KERNEL_TEACHER_KINDS)}
-_MIX_CODE = {name: i for i, name in enumerate(MIXES)}
+# An LM head's defaults (not kd_loss's image-classification ones).
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_ALPHA = 0.5
 
 
 # ----------------------------------------------------------------------------------------------
 # The chunked pass (plain Python over the native row kernels; wrapped as custom ops below)
 # ----------------------------------------------------------------------------------------------
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
@@ -61,44 +57,36 @@ def _add_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _row_kernel(backend, ensemble, logits, teacher_chunks, mix_weights, target, temperature, alpha, t2_scale,
-                ignore_index, teacher_kind, mix, compute_grad):
+def _row_kernel(backend, ensemble, logits, teacher_chunks, mix_weights, target, coefficients, ignore_index,
+                teacher_kind, mix, compute_grad):
     """Row losses [n] and d row_loss / d logits [n, V] (or empty) of one chunk."""
     if ensemble:
         teacher_chunks = [t.to(logits.dtype) for t in teacher_chunks]  # the kernels read the student's dtype
-        if backend == "triton":
-            from ..kernels.ensemble_kd_loss import ensemble_kd_loss_fwd
-
-            return ensemble_kd_loss_fwd(logits, torch.stack(teacher_chunks), mix_weights, target, temperature,
-                                        alpha, t2_scale, ignore_index, _MIX_CODE[mix], compute_grad)
-        return torch.ops.ued_fast.ensemble_kd_loss_fwd(logits, teacher_chunks, mix_weights, target, temperature,
-                                                       alpha, t2_scale, ignore_index, _MIX_CODE[mix], compute_grad)
-    teacher, kind = kernel_teacher(teacher_chunks[0], temperature, teacher_kind)  # tempered kinds: log-probs
-    if backend == "triton":
-        from ..kernels.kd_loss import kd_loss_fwd
-
-        return kd_loss_fwd(logits, teacher, target, temperature, alpha, t2_scale, ignore_index,
-                           _TEACHER_KIND_CODE[kind], compute_grad)
-    return torch.ops.ued_fast.kd_loss_fwd(logits, teacher, target, temperature, alpha, t2_scale,
-                                          ignore_index, _TEACHER_KIND_CODE[kind], compute_grad)
+        return _spine.native_forward("ensemble_kd_loss", backend, logits, teacher_chunks, mix_weights, target,
+                                     *coefficients, ignore_index, _spine.MIX_CODE[mix], compute_grad)
+    return _spine.native_forward("kd_loss", backend, logits, teacher_chunks[0], target, *coefficients, ignore_index,
+                                 _spine.KERNEL_TEACHER_KIND[teacher_kind], compute_grad)
 
 
 def _chunked_pass(hidden, weight, bias, teachers, teacher_weights, teacher_biases, mix_weights, target, grad_scale,
                   temperature, alpha, t2_scale, ignore_index, teacher_kind, mix, ensemble, backend, chunk_size,
-                  need_hidden, need_weight, need_bias):
+                  need_hidden, need_weight, need_bias, divergence=DEFAULT_DIVERGENCE, beta=DEFAULT_BETA,
+                  teacher_temperature=None):
     """Row losses [N] and (grad_hidden, grad_weight, grad_bias) of sum_i grad_scale_i * row_loss_i.
 
     grad_scale: 0-d (one factor, applied once at the end in the accumulation dtype) or [N] (per row,
     applied to each chunk's logit gradient before the products). A gradient not asked for is empty.
     """
     n, v = hidden.shape[0], weight.shape[0]
-    acc_dtype = _accumulate_dtype(hidden.dtype)
+    acc_dtype = compute_dtype(hidden.dtype)
     rows = torch.empty(n, dtype=acc_dtype, device=hidden.device)
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
     grad_bias = torch.zeros(v, dtype=acc_dtype, device=weight.device) if need_bias else None
     compute_grad = need_hidden or need_weight or need_bias
     teacher_is_hidden = len(teacher_weights) > 0
+    coefficients = _spine.kd_coefficients(temperature, alpha, t2_scale, target is not None, teacher_kind,
+                                          teacher_temperature, divergence, beta)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         h = hidden[start:stop]
@@ -111,8 +99,8 @@ def _chunked_pass(hidden, weight, bias, teachers, teacher_weights, teacher_biase
             teacher_chunks = [_checks.last_dim_contiguous(t[start:stop]) for t in teachers]
         w_chunk = None if mix_weights is None else mix_weights[:, start:stop]
         y_chunk = None if target is None else target[start:stop]
-        row_loss, g = _row_kernel(backend, ensemble, logits, teacher_chunks, w_chunk, y_chunk, temperature, alpha,
-                                  t2_scale, ignore_index, teacher_kind, mix, compute_grad)
+        row_loss, g = _row_kernel(backend, ensemble, logits, teacher_chunks, w_chunk, y_chunk, coefficients,
+                                  ignore_index, teacher_kind, mix, compute_grad)
         rows[start:stop] = row_loss
         del logits, teacher_chunks
         if not compute_grad:
@@ -137,21 +125,6 @@ def _chunked_pass(hidden, weight, bias, teachers, teacher_weights, teacher_biase
     return rows, grad_hidden, grad_weight, grad_bias
 
 
-def reduction_factor(target: torch.Tensor | None, n_rows: int, num_classes: int, reduction: str, ignore_index: int,
-                     dtype: torch.dtype, device) -> torch.Tensor:
-    """0-d factor from the sum of row losses to the reduction; counts non-ignored rows of the WHOLE batch
-    on the device (no host synchronization). An all-ignored batch gives factor 1 (its loss is 0)."""
-    if reduction in ("none", "sum"):
-        return torch.ones((), dtype=dtype, device=device)
-    if target is None:
-        count = torch.tensor(float(n_rows), dtype=dtype, device=device)
-    else:
-        count = (target != ignore_index).sum().to(dtype)
-    if reduction == "mean":
-        count = count * num_classes
-    return 1.0 / count.clamp(min=1)
-
-
 # ----------------------------------------------------------------------------------------------
 # torch.library custom ops: the pass (used by the 'none' backward) and the loss (with autograd)
 # ----------------------------------------------------------------------------------------------
@@ -163,11 +136,13 @@ def _pass_op(
     mix_weights: Optional[torch.Tensor], target: Optional[torch.Tensor], grad_scale: torch.Tensor,
     temperature: float, alpha: float, t2_scale: bool, ignore_index: int, teacher_kind: str, mix: str,
     ensemble: bool, backend: str, chunk_size: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+    divergence: str = DEFAULT_DIVERGENCE, beta: float = DEFAULT_BETA, teacher_temperature: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row losses [N], grad_hidden, grad_weight, grad_bias) of sum_i grad_scale_i * row_loss_i."""
     return _chunked_pass(hidden, weight, bias, teachers, teacher_weights, teacher_biases, mix_weights, target,
                          grad_scale, temperature, alpha, t2_scale, ignore_index, teacher_kind, mix, ensemble,
-                         backend, chunk_size, need_hidden, need_weight, need_bias)
+                         backend, chunk_size, need_hidden, need_weight, need_bias, divergence, beta,
+                         teacher_temperature)
 
 
 def _fake_grads(hidden, weight, need_hidden, need_weight, need_bias):
@@ -179,8 +154,8 @@ def _fake_grads(hidden, weight, need_hidden, need_weight, need_bias):
 @_pass_op.register_fake
 def _(hidden, weight, bias, teachers, teacher_weights, teacher_biases, mix_weights, target, grad_scale, temperature,
       alpha, t2_scale, ignore_index, teacher_kind, mix, ensemble, backend, chunk_size, need_hidden, need_weight,
-      need_bias):
-    rows = hidden.new_empty((hidden.shape[0],), dtype=_accumulate_dtype(hidden.dtype))
+      need_bias, divergence=DEFAULT_DIVERGENCE, beta=DEFAULT_BETA, teacher_temperature=None):
+    rows = hidden.new_empty((hidden.shape[0],), dtype=compute_dtype(hidden.dtype))
     return (rows,) + _fake_grads(hidden, weight, need_hidden, need_weight, need_bias)
 
 
@@ -191,18 +166,19 @@ def _loss_op(
     mix_weights: Optional[torch.Tensor], target: Optional[torch.Tensor], temperature: float, alpha: float,
     t2_scale: bool, reduction: str, ignore_index: int, teacher_kind: str, mix: str, ensemble: bool, backend: str,
     chunk_size: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+    divergence: str = DEFAULT_DIVERGENCE, beta: float = DEFAULT_BETA, teacher_temperature: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias): the gradients of the reduced loss, made in the forward
     pass (empty for reduction='none', whose backward runs the pass again)."""
-    acc_dtype = _accumulate_dtype(hidden.dtype)
-    factor = reduction_factor(target, hidden.shape[0], weight.shape[0], reduction, ignore_index, acc_dtype,
-                              hidden.device)
+    acc_dtype = compute_dtype(hidden.dtype)
+    factor = _spine.reduction_scale(target, ignore_index, hidden.shape[0], weight.shape[0], reduction, acc_dtype,
+                                    hidden.device)
     if reduction == "none":
         need_hidden = need_weight = need_bias = False
     rows, grad_hidden, grad_weight, grad_bias = _chunked_pass(
         hidden, weight, bias, teachers, teacher_weights, teacher_biases, mix_weights, target, factor, temperature,
         alpha, t2_scale, ignore_index, teacher_kind, mix, ensemble, backend, chunk_size, need_hidden, need_weight,
-        need_bias)
+        need_bias, divergence, beta, teacher_temperature)
     loss = rows if reduction == "none" else rows.sum() * factor
     return loss, grad_hidden, grad_weight, grad_bias
 
@@ -210,8 +186,8 @@ def _loss_op(
 @_loss_op.register_fake
 def _(hidden, weight, bias, teachers, teacher_weights, teacher_biases, mix_weights, target, temperature, alpha,
       t2_scale, reduction, ignore_index, teacher_kind, mix, ensemble, backend, chunk_size, need_hidden, need_weight,
-      need_bias):
-    acc_dtype = _accumulate_dtype(hidden.dtype)
+      need_bias, divergence=DEFAULT_DIVERGENCE, beta=DEFAULT_BETA, teacher_temperature=None):
+    acc_dtype = compute_dtype(hidden.dtype)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=acc_dtype)
     if reduction == "none":
         need_hidden = need_weight = need_bias = False
@@ -220,7 +196,8 @@ def _(hidden, weight, bias, teachers, teacher_weights, teacher_biases, mix_weigh
 
 _LOSS_ARG_NAMES = ("hidden", "weight", "bias", "teachers", "teacher_weights", "teacher_biases", "mix_weights",
                    "target", "temperature", "alpha", "t2_scale", "reduction", "ignore_index", "teacher_kind", "mix",
-                   "ensemble", "backend", "chunk_size", "need_hidden", "need_weight", "need_bias")
+                   "ensemble", "backend", "chunk_size", "need_hidden", "need_weight", "need_bias", "divergence", "beta",
+                   "teacher_temperature")
 
 
 def _setup_context(ctx, inputs, output):
@@ -247,7 +224,7 @@ def _backward(ctx, grad_loss, _gh, _gw, _gb):
     saved = ctx.inputs_kept if ctx.grads_handed_out else ctx.saved_tensors
     hidden, weight, bias, mix_weights, target, *rest = saved
     teachers, teacher_weights, teacher_biases = rest[:k], rest[k:k + n_tw], rest[k + n_tw:k + n_tw + n_tb]
-    acc_dtype = _accumulate_dtype(hidden.dtype)
+    acc_dtype = compute_dtype(hidden.dtype)
     if a["reduction"] != "none" and not ctx.grads_handed_out:
         grads = rest[k + n_tw + n_tb:]
         # Traced backwards (torch.compile, AOT) see functional/fake tensors: no in-place there.
@@ -261,12 +238,13 @@ def _backward(ctx, grad_loss, _gh, _gw, _gb):
     else:
         grad_scale = grad_loss.to(acc_dtype)
         if a["reduction"] != "none":
-            grad_scale = grad_scale * reduction_factor(target, hidden.shape[0], weight.shape[0], a["reduction"],
-                                                       a["ignore_index"], acc_dtype, hidden.device)
+            grad_scale = grad_scale * _spine.reduction_scale(target, a["ignore_index"], hidden.shape[0],
+                                                             weight.shape[0], a["reduction"], acc_dtype, hidden.device)
         _, grad_hidden, grad_weight, grad_bias = _pass_op(
             hidden, weight, bias, list(teachers), list(teacher_weights), list(teacher_biases), mix_weights, target,
             grad_scale, a["temperature"], a["alpha"], a["t2_scale"], a["ignore_index"], a["teacher_kind"], a["mix"],
-            a["ensemble"], a["backend"], a["chunk_size"], bool(need_hidden), bool(need_weight), bool(need_bias))
+            a["ensemble"], a["backend"], a["chunk_size"], bool(need_hidden), bool(need_weight), bool(need_bias),
+            a["divergence"], a["beta"], a.get("teacher_temperature"))
     return ((grad_hidden if need_hidden else None, grad_weight if need_weight else None,
              grad_bias if need_bias else None, [None] * k, [None] * n_tw, [None] * n_tb)
             + (None,) * (len(_LOSS_ARG_NAMES) - 6))
@@ -326,43 +304,15 @@ def _check_teacher(op, name, teacher, t_weight, t_bias, hidden, v, w_name, b_nam
         _check_bias(op, b_name, t_bias, t_weight)
 
 
-def _check_target(op, target, n, v, ignore_index, device):
-    if target is None:
-        return
-    _checks.check_tensor(op, "target", target, dims=1)
-    if target.dtype != torch.int64:
-        raise TypeError(f"{op}: target must be int64 class indices, got {target.dtype}")
-    if target.shape[0] != n:
-        raise ValueError(f"{op}: target has {target.shape[0]} rows but hidden has {n}")
-    if target.device != device:
-        raise ValueError(f"{op}: target is on {target.device} but hidden is on {device}")
-    # Reading values would synchronize a GPU, and cannot be traced: CPU eager only.
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = (target != ignore_index) & ((target < 0) | (target >= v))
-        if bool(bad.any()):
-            raise ValueError(f"{op}: target holds class {int(target[bad][0])}, outside [0, {v}) "
-                             f"and not ignore_index={ignore_index}")
-
-
-def _check_common(op, temperature, alpha, t2_scale, reduction, ignore_index, chunk_size):
+def _check_common(op, temperature, alpha, t2_scale, reduction, ignore_index, chunk_size, divergence, beta,
+                  teacher_temperature):
     _checks.check_kd_scalars(op, temperature, alpha, t2_scale, ignore_index)
+    _checks.check_divergence_args(op, divergence, beta, teacher_temperature)
     _checks.check_choice(op, "reduction", reduction, REDUCTIONS)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
         raise TypeError(f"{op}: chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
-
-
-@_backend.constant_under_compile
-def _pick_backend(op: str, backend: str | None, device: str, is_fp64: bool) -> str:
-    """A constant for torch.compile: backend discovery imports modules, which dynamo must not trace."""
-    device = torch.device(device)
-    if backend is None and is_fp64 and device.type != "cpu":
-        return "reference"  # the GPU kernels are written for 16- and 32-bit floats
-    chosen = _backend.resolve_backend(backend, device, op)
-    if chosen in ("triton", "cuda") and is_fp64:
-        raise TypeError(f"{op}: backend={chosen!r} takes float32, bfloat16 or float16 hidden, not float64")
-    return chosen
 
 
 def auto_chunk_size(n: int, v: int, dtype: torch.dtype, teacher_logits_per_row: int,
@@ -396,12 +346,15 @@ def fused_linear_kd_loss(
     bias: torch.Tensor | None = None,
     teacher_weight: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    alpha: float = 0.5,
+    temperature: float = DEFAULT_TEMPERATURE,
+    alpha: float = DEFAULT_ALPHA,
     t2_scale: bool = True,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
+    reduction: str = DEFAULT_REDUCTION,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     teacher_kind: str = "logits",
+    divergence: str = DEFAULT_DIVERGENCE,
+    beta: float = DEFAULT_BETA,
+    teacher_temperature: float | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -412,8 +365,10 @@ def fused_linear_kd_loss(
     'logits', 'log_probs' or 'probs'), or, when teacher_weight [V, Ht] is given, the teacher's hidden
     states [N, Ht] (teacher logits = teacher @ teacher_weight.T + teacher_bias, made chunk by chunk;
     teacher_kind must be 'logits'). Loss semantics, reductions and ignore_index as kd_loss: per row
-    alpha*s2*KL(softmax(t/T) || softmax(s/T)) + (1-alpha)*CE(s, y), s2 = T^2 if t2_scale; 'batchmean'
-    divides by the non-ignored rows of the whole batch. Gradients reach hidden, weight and bias (float32
+    alpha*s2*D(p, q) + (1-alpha)*CE(s, y), s2 = T^2 if t2_scale, q = softmax(s/T), p the teacher's
+    distribution at teacher_temperature (default T), D the `divergence` ('forward_kl' KL(p || q),
+    'reverse_kl' KL(q || p), 'jsd' beta*KL(p || m) + (1-beta)*KL(q || m), m = beta*p + (1-beta)*q; the
+    formulas and gradients of kd_loss); 'batchmean' divides by the non-ignored rows of the whole batch. Gradients reach hidden, weight and bias (float32
     accumulation); the teacher is a constant. chunk_size: rows per chunk (None: automatic, about
     CHUNK_BYTES of temporaries). backend: None (best for the device), 'cpp', 'cuda', 'triton', 'reference'.
     """
@@ -424,25 +379,25 @@ def fused_linear_kd_loss(
     if teacher_weight is not None and teacher_kind != "logits":
         raise ValueError(f"{OP}: teacher_kind must be 'logits' when teacher_weight is given (the teacher's head "
                          f"makes logits), got {teacher_kind!r}")
-    _check_common(OP, temperature, alpha, t2_scale, reduction, ignore_index, chunk_size)
-    _check_target(OP, target, hidden.shape[0], v, ignore_index, hidden.device)
-    temperature, alpha = float(temperature), float(alpha)
-    chosen = _pick_backend(OP, backend, str(hidden.device), hidden.dtype == torch.float64)
-    if _checks.transforms_active():
-        chosen = "reference"  # torch.func (grad, vmap, ...): the native kernels cannot be batched
+    _check_common(OP, temperature, alpha, t2_scale, reduction, ignore_index, chunk_size, divergence, beta,
+                  teacher_temperature)
+    _checks.check_target(OP, target, hidden, ignore_index, "hidden", num_classes=v)
+    temperature, alpha, beta, teacher_temperature = _spine.kd_scalars(temperature, alpha, beta, teacher_temperature)
+    chosen = _spine.resolve_backend(OP, backend, hidden)
     if chosen == "reference":
         with torch.no_grad():
             t = teacher if teacher_weight is None else _linear(teacher, teacher_weight, teacher_bias)
         return kd_loss_reference(_linear(hidden, weight, bias), t, target, temperature=temperature, alpha=alpha,
                                  t2_scale=t2_scale, reduction=reduction, ignore_index=ignore_index,
-                                 teacher_kind=teacher_kind)
+                                 teacher_kind=teacher_kind, divergence=divergence, beta=beta,
+                                 teacher_temperature=teacher_temperature)
     if chunk_size is None:
         chunk_size = auto_chunk_size(hidden.shape[0], v, hidden.dtype, int(teacher_weight is not None))
     teacher_weights = [] if teacher_weight is None else [teacher_weight.detach()]
     teacher_biases = [] if teacher_bias is None else [teacher_bias.detach()]
     loss, _, _, _ = _loss_op(hidden, weight, bias, [teacher.detach()], teacher_weights, teacher_biases, None, target,
                              temperature, alpha, t2_scale, reduction, ignore_index, teacher_kind, "prob", False,
-                             chosen, chunk_size, *_needs(hidden, weight, bias))
+                             chosen, chunk_size, *_needs(hidden, weight, bias), divergence, beta, teacher_temperature)
     return loss
 
 
@@ -455,26 +410,6 @@ def _as_teacher_list(op, name, teachers) -> list[torch.Tensor]:
     if not isinstance(teachers, Sequence) or isinstance(teachers, str) or len(teachers) < 1:
         raise TypeError(f"{op}: {name} must be a [K, ...] tensor or a non-empty list of tensors")
     return list(teachers)
-
-
-def _normalized_mix_weights(op, weights, k, hidden) -> torch.Tensor:
-    """[K, N] weights summing to 1 over K (float32; float64 for float64); [K] and None stay stride-0."""
-    dtype, n = _accumulate_dtype(hidden.dtype), hidden.shape[0]
-    if weights is None:
-        return torch.full((k, 1), 1.0 / k, dtype=dtype, device=hidden.device).expand(k, n)
-    _checks.check_tensor(op, "weights", weights, floating=True)
-    if tuple(weights.shape) not in ((k,), (k, n)):
-        raise ValueError(f"{op}: weights must have shape [{k}] or [{k}, {n}], got {tuple(weights.shape)}")
-    _checks.check_same_device(op, "weights", weights, "hidden", hidden)
-    if weights.device.type == "cpu" and not torch.compiler.is_compiling():  # value checks would break graphs
-        if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
-            raise ValueError(f"{op}: weights must be finite and >= 0")
-        if bool((weights.sum(0) <= 0).any()):
-            raise ValueError(f"{op}: weights must not sum to 0 over the K teachers")
-    w = weights.detach().to(dtype)
-    if w.dim() == 1:
-        return (w / w.sum())[:, None].expand(k, n)
-    return w / w.sum(0, keepdim=True)
 
 
 def _bias_list(biases, weights) -> list[torch.Tensor]:
@@ -496,11 +431,14 @@ def fused_linear_ensemble_kd_loss(
     teacher_weights: torch.Tensor | Sequence[torch.Tensor] | None = None,
     teacher_biases: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     mix: str = "prob",
-    temperature: float = 1.0,
-    alpha: float = 0.5,
+    temperature: float = DEFAULT_TEMPERATURE,
+    alpha: float = DEFAULT_ALPHA,
     t2_scale: bool = True,
-    reduction: str = "batchmean",
-    ignore_index: int = -100,
+    reduction: str = DEFAULT_REDUCTION,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    divergence: str = DEFAULT_DIVERGENCE,
+    beta: float = DEFAULT_BETA,
+    teacher_temperature: float | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -512,7 +450,8 @@ def fused_linear_ensemble_kd_loss(
       K [V, Ht_k] heads (or [K, V, Ht]) and teacher_biases None, a list of K [V] tensors or None, or [K, V].
     The op never builds a [K, N, V] tensor: per chunk it reads (or makes) K [chunk, V] teacher logits.
     weights: None (uniform), [K] or [K, N], non-negative, normalized over K. mix='prob':
-    p = sum_k w_k softmax(t_k/T); mix='logit': p = softmax(sum_k w_k t_k / T). Everything else as
+    p = sum_k w_k softmax(t_k/T_t); mix='logit': p = softmax(sum_k w_k t_k / T_t), T_t = teacher_temperature
+    (default T). divergence and beta as fused_linear_kd_loss, of the mixture p. Everything else as
     fused_linear_kd_loss.
     """
     op = ENSEMBLE_OP
@@ -536,19 +475,20 @@ def fused_linear_ensemble_kd_loss(
         _check_teacher(op, f"teachers[{i}]", teacher_list[i], tw_list[i], tb_list[i], hidden, v,
                        f"teacher_weights[{i}]", f"teacher_biases[{i}]")
     _checks.check_choice(op, "mix", mix, MIXES)
-    _check_common(op, temperature, alpha, t2_scale, reduction, ignore_index, chunk_size)
-    _check_target(op, target, hidden.shape[0], v, ignore_index, hidden.device)
-    mix_weights = _normalized_mix_weights(op, weights, k, hidden)
-    temperature, alpha = float(temperature), float(alpha)
-    chosen = _pick_backend(op, backend, str(hidden.device), hidden.dtype == torch.float64)
-    if _checks.transforms_active():
-        chosen = "reference"  # torch.func (grad, vmap, ...): the native kernels cannot be batched
+    _check_common(op, temperature, alpha, t2_scale, reduction, ignore_index, chunk_size, divergence, beta,
+                  teacher_temperature)
+    _checks.check_target(op, target, hidden, ignore_index, "hidden", num_classes=v)
+    _checks.check_mix_weights(op, weights, k, hidden, "hidden")
+    mix_weights = _spine.normalized_mix_weights(weights, k, hidden)
+    temperature, alpha, beta, teacher_temperature = _spine.kd_scalars(temperature, alpha, beta, teacher_temperature)
+    chosen = _spine.resolve_backend(op, backend, hidden, k)
     if chosen == "reference":
         with torch.no_grad():
             t = [x if tw is None else _linear(x, tw, tb) for x, tw, tb in zip(teacher_list, tw_list, tb_list)]
         return ensemble_kd_loss_reference(_linear(hidden, weight, bias), torch.stack(t), weights, target, mix=mix,
                                           temperature=temperature, alpha=alpha, t2_scale=t2_scale,
-                                          reduction=reduction, ignore_index=ignore_index)
+                                          reduction=reduction, ignore_index=ignore_index, divergence=divergence,
+                                          beta=beta, teacher_temperature=teacher_temperature)
     is_hidden_form = teacher_weights is not None
     if chunk_size is None:
         made_here = k if (is_hidden_form or hidden.dtype != teacher_list[0].dtype or chosen == "triton") else 0
@@ -557,59 +497,53 @@ def fused_linear_ensemble_kd_loss(
     tb_arg = _bias_list(tb_list, tw_list) if is_hidden_form else []
     loss, _, _, _ = _loss_op(hidden, weight, bias, [t.detach() for t in teacher_list], tw_arg, tb_arg, mix_weights,
                              target, temperature, alpha, t2_scale, reduction, ignore_index, "logits", mix, True,
-                             chosen, chunk_size, *_needs(hidden, weight, bias))
+                             chosen, chunk_size, *_needs(hidden, weight, bias), divergence, beta, teacher_temperature)
     return loss
 
 
-class FusedLinearKDLoss(nn.Module):
+class FusedLinearKDLoss(_spine.KDModuleSettings, nn.Module):
     """nn.Module form of fused_linear_kd_loss:
     FusedLinearKDLoss(temperature=1.0, alpha=0.5, ...)(hidden, weight, teacher, target=None, bias=None,
     teacher_weight=None, teacher_bias=None)."""
 
-    def __init__(self, *, temperature: float = 1.0, alpha: float = 0.5, t2_scale: bool = True,
-                 reduction: str = "batchmean", ignore_index: int = -100, teacher_kind: str = "logits",
-                 chunk_size: int | None = None, backend: str | None = None):
+    def __init__(self, *, temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
+                 t2_scale: bool = True, reduction: str = DEFAULT_REDUCTION, ignore_index: int = DEFAULT_IGNORE_INDEX,
+                 teacher_kind: str = "logits", divergence: str = DEFAULT_DIVERGENCE, beta: float = DEFAULT_BETA,
+                 teacher_temperature: float | None = None, chunk_size: int | None = None,
+                 backend: str | None = None):
         super().__init__()
-        _check_common("FusedLinearKDLoss", temperature, alpha, t2_scale, reduction, ignore_index, chunk_size)
+        _check_common("FusedLinearKDLoss", temperature, alpha, t2_scale, reduction, ignore_index, chunk_size,
+                      divergence, beta, teacher_temperature)
         _checks.check_choice("FusedLinearKDLoss", "teacher_kind", teacher_kind, TEACHER_KINDS)
-        self.temperature, self.alpha, self.t2_scale = float(temperature), float(alpha), t2_scale
-        self.reduction, self.ignore_index, self.teacher_kind = reduction, ignore_index, teacher_kind
-        self.chunk_size, self.backend = chunk_size, backend
+        self.store_settings(temperature=float(temperature), alpha=float(alpha), t2_scale=t2_scale,
+                            reduction=reduction, ignore_index=ignore_index, teacher_kind=teacher_kind,
+                            divergence=divergence, beta=float(beta), teacher_temperature=teacher_temperature,
+                            chunk_size=chunk_size, backend=backend)
 
     def forward(self, hidden, weight, teacher, target=None, *, bias=None, teacher_weight=None, teacher_bias=None):
         return fused_linear_kd_loss(hidden, weight, teacher, target, bias=bias, teacher_weight=teacher_weight,
-                                    teacher_bias=teacher_bias, temperature=self.temperature, alpha=self.alpha,
-                                    t2_scale=self.t2_scale, reduction=self.reduction,
-                                    ignore_index=self.ignore_index, teacher_kind=self.teacher_kind,
-                                    chunk_size=self.chunk_size, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, t2_scale={self.t2_scale}, "
-                f"reduction={self.reduction!r}, teacher_kind={self.teacher_kind!r}, chunk_size={self.chunk_size}")
+                                    teacher_bias=teacher_bias, **self.settings())
 
 
-class FusedLinearEnsembleKDLoss(nn.Module):
+class FusedLinearEnsembleKDLoss(_spine.KDModuleSettings, nn.Module):
     """nn.Module form of fused_linear_ensemble_kd_loss: forward(hidden, weight, teachers, target=None,
     weights=None, bias=None, teacher_weights=None, teacher_biases=None)."""
 
-    def __init__(self, *, mix: str = "prob", temperature: float = 1.0, alpha: float = 0.5, t2_scale: bool = True,
-                 reduction: str = "batchmean", ignore_index: int = -100, chunk_size: int | None = None,
+    def __init__(self, *, mix: str = "prob", temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
+                 t2_scale: bool = True, reduction: str = DEFAULT_REDUCTION, ignore_index: int = DEFAULT_IGNORE_INDEX,
+                 divergence: str = DEFAULT_DIVERGENCE, beta: float = DEFAULT_BETA,
+                 teacher_temperature: float | None = None, chunk_size: int | None = None,
                  backend: str | None = None):
         super().__init__()
-        _check_common("FusedLinearEnsembleKDLoss", temperature, alpha, t2_scale, reduction, ignore_index, chunk_size)
+        _check_common("FusedLinearEnsembleKDLoss", temperature, alpha, t2_scale, reduction, ignore_index, chunk_size,
+                      divergence, beta, teacher_temperature)
         _checks.check_choice("FusedLinearEnsembleKDLoss", "mix", mix, MIXES)
-        self.mix, self.temperature, self.alpha, self.t2_scale = mix, float(temperature), float(alpha), t2_scale
-        self.reduction, self.ignore_index = reduction, ignore_index
-        self.chunk_size, self.backend = chunk_size, backend
+        self.store_settings(mix=mix, temperature=float(temperature), alpha=float(alpha), t2_scale=t2_scale,
+                            reduction=reduction, ignore_index=ignore_index, divergence=divergence, beta=float(beta),
+                            teacher_temperature=teacher_temperature, chunk_size=chunk_size, backend=backend)
 
     def forward(self, hidden, weight, teachers, target=None, *, weights=None, bias=None, teacher_weights=None,
                 teacher_biases=None):
         return fused_linear_ensemble_kd_loss(
             hidden, weight, teachers, target, weights=weights, bias=bias, teacher_weights=teacher_weights,
-            teacher_biases=teacher_biases, mix=self.mix, temperature=self.temperature, alpha=self.alpha,
-            t2_scale=self.t2_scale, reduction=self.reduction, ignore_index=self.ignore_index,
-            chunk_size=self.chunk_size, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"mix={self.mix!r}, temperature={self.temperature}, alpha={self.alpha}, t2_scale={self.t2_scale}, "
-                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}")
+            teacher_biases=teacher_biases, **self.settings())

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import _backend
 from ..covers import Cover, cover_index, validate_cover
-from ..reference import HEAD_MODES, grouped_heads_reference
-from . import _checks
+from ..reference import HEAD_MODES, compute_dtype, grouped_heads_reference
+from . import _checks, _spine
 
 OP = "grouped_heads"
 _MODE_CODE = {name: i for i, name in enumerate(HEAD_MODES)}  # logit_mean 0, prob_mean 1
@@ -126,10 +125,6 @@ def _tables_for(cover_flat, cover_sizes, width: int, device: torch.device) -> Co
     return cover_tables(_cover_from_args(tuple(cover_flat), tuple(cover_sizes)), width, device)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _no_autocast(fn):
     """The kernels pick their own precision (fp32 accumulation); autocast must not recast the GEMMs inside them."""
     @functools.wraps(fn)
@@ -141,24 +136,20 @@ def _no_autocast(fn):
 
 @_no_autocast
 def _native_forward(backend, features, weight, bias, tables: CoverTables, mode_code: int):
-    if backend == "triton":
-        from ..kernels.grouped_heads import grouped_heads_fwd as triton_fwd
-
-        return triton_fwd(features, weight, bias, tables, mode_code)
-    return torch.ops.ued_fast.grouped_heads_fwd(features, weight, bias, tables.cover_index, tables.class_ptr,
-                                               tables.class_entries, mode_code)
+    forward = _spine.native_op(backend, OP, "grouped_heads_fwd")
+    if backend == "triton":  # Triton takes the tables object, C++ its tensors
+        return forward(features, weight, bias, tables, mode_code)
+    return forward(features, weight, bias, tables.cover_index, tables.class_ptr, tables.class_entries, mode_code)
 
 
 @_no_autocast
 def _native_backward(backend, grad_out, features, weight, saved, tables: CoverTables, mode_code: int,
                      need_features: bool, need_params: bool):
+    backward = _spine.native_op(backend, OP, "grouped_heads_bwd")
     if backend == "triton":
-        from ..kernels.grouped_heads import grouped_heads_bwd as triton_bwd
-
-        return triton_bwd(grad_out, features, weight, saved, tables, mode_code, need_features, need_params)
-    return torch.ops.ued_fast.grouped_heads_bwd(grad_out, features, weight, saved, tables.cover_index,
-                                               tables.class_ptr, tables.class_entries, mode_code,
-                                               need_features, need_params)
+        return backward(grad_out, features, weight, saved, tables, mode_code, need_features, need_params)
+    return backward(grad_out, features, weight, saved, tables.cover_index, tables.class_ptr, tables.class_entries,
+                    mode_code, need_features, need_params)
 
 
 @torch.library.custom_op("ued_fast::grouped_heads", mutates_args=())
@@ -175,7 +166,7 @@ def _grouped_heads_op(
 def _(features, weight, bias, cover_flat, cover_sizes, num_classes, mode, backend):
     k, _, width = weight.shape
     n = features.shape[0] if features.dim() == 2 else features.shape[1]
-    cd = _compute_dtype(features.dtype)
+    cd = compute_dtype(features.dtype)
     out = features.new_empty((n, num_classes))
     saved_shape = (k, width, n) if backend == "cpp" else (k, n, width)
     saved = features.new_empty(saved_shape if mode == "prob_mean" else (0,), dtype=cd)
@@ -270,21 +261,6 @@ def check_heads_args(features, weight, bias, cover, mode):
     return cover
 
 
-@_backend.constant_under_compile
-def _resolve_for(backend, device: torch.device, dtype: torch.dtype) -> str:
-    # A constant under torch.compile: backend discovery imports the extension, which dynamo must not trace.
-    if backend is None and dtype == torch.float64 and device.type != "cpu":
-        return "reference"  # the GPU kernels are written for 16- and 32-bit floats
-    return _backend.resolve_backend(backend, device, OP)
-
-
-def _resolve(backend, features: torch.Tensor) -> str:
-    chosen = _resolve_for(backend, features.device, features.dtype)
-    if chosen in ("triton", "cuda") and features.dtype == torch.float64:
-        raise TypeError(f"{OP}: backend={chosen!r} takes float32, bfloat16 or float16 features, not float64")
-    return chosen
-
-
 def grouped_heads(
     features: torch.Tensor,
     weight: torch.Tensor,
@@ -307,8 +283,8 @@ def grouped_heads(
     backend: None (the best for the device), 'cpp', 'cuda', 'triton' or 'reference'.
     """
     cover = check_heads_args(features, weight, bias, cover, mode)
-    chosen = _resolve(backend, features)
-    if chosen == "reference" or _checks.transforms_active():  # the kernels have no batching rules
+    chosen = _spine.resolve_backend(OP, backend, features)
+    if chosen == "reference":
         return grouped_heads_reference(features, weight, bias, cover, mode=mode)
     cover_flat, cover_sizes = _flat_cover(cover)
     num_classes = 1 + max(cover_flat)
