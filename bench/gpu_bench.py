@@ -1,11 +1,12 @@
 """GPU benchmark of the ued_fast ops (DESIGN section 4).
 
-On a CUDA machine:  python bench/gpu_bench.py [--out bench/results] [--sections kd,ensemble,heads]
+On a CUDA machine:  python bench/gpu_bench.py [--out bench/results] [--sections kd,divergences,ensemble,heads,sparse]
 On a CPU (a check of the script itself, tiny shapes, wall-clock timer):  python bench/gpu_bench.py --dry-run
 
 Measures, in one run: the device-to-device copy bandwidth (the ceiling); kd_loss forward+backward
 for ours ('cuda', 'triton'), the eager reference, torch.compile(reference) and Liger-Kernel's
-LigerKLDIVLoss fed by torch.log_softmax; ensemble_kd_loss and grouped_heads through the public API.
+LigerKLDIVLoss fed by torch.log_softmax; kd_loss with reverse KL and JSD; ensemble_kd_loss and
+grouped_heads through the public API; sparse_kd_loss (a top-k teacher) against its reference.
 Each case: median time, GB/s over the byte floor, % of the copy bandwidth, peak memory above the
 inputs, and the error against the eager fp32 reference (a fast wrong kernel is not a result).
 Writes gpu_bench.json (environment + raw timings), gpu_bench.md and gpu_bench.png to --out.
@@ -45,11 +46,18 @@ ENSEMBLE_SHAPES = [(4096, 1000), (8192, 32000)]
 HEADS_CASES = [(512, 5, d, c) for d in (64, 256) for c in (10, 100)]  # (N, K, D, C)
 HEAD_MODES = ["logit_mean", "prob_mean"]
 
+DIVERGENCE_SHAPES = [(4096, 1000), (8192, 32000)]
+SPARSE_CASES = [(8192, 32000, 64), (4096, 128256, 64)]  # (N, C, k)
+
 DRY_KD_SHAPES = [(8, 10), (16, 1000)]
+DRY_DIVERGENCE_SHAPES = [(16, 1000)]
+DRY_SPARSE_CASES = [(16, 1000, 8)]
 DRY_ENSEMBLE_SHAPES = [(8, 100)]
 DRY_HEADS_CASES = [(16, 5, 8, 10)]
 
 KD_KW = dict(temperature=4.0, alpha=0.9)
+# The sections of the report, in order (the names results rows carry).
+REPORT_SECTIONS = ("kd_loss", "divergences", "ensemble_kd_loss", "grouped_heads", "sparse_teacher")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,11 +300,13 @@ def liger_kd_loss_factory():
 
 def kernel_only(backend, student, teacher, target):
     """(timed fn, error check) for the forward kernel alone: loss rows + gradient in one launch."""
-    from ued_fast.ops.kd_loss import _native_forward
+    from ued_fast.ops import _spine
+
+    coefficients = _spine.kd_coefficients(KD_KW["temperature"], KD_KW["alpha"], True, target is not None)
 
     def run():
-        return _native_forward(backend, student.detach(), teacher, target, KD_KW["temperature"], KD_KW["alpha"],
-                               True, -100, "logits", True)
+        return _spine.native_forward("kd_loss", backend, student.detach(), teacher, target, *coefficients,
+                                     -100, 0, True)
 
     def scaled():  # the op's batchmean scaling (no ignored rows here), for the check only
         rows, grad = run()
@@ -363,6 +373,81 @@ def bench_kd(res: Results, timer: Timer, device, dry_run: bool):
             del student, teacher, target, ref_loss, ref_grad, impls
             empty_cache(device)
             res.save()
+
+
+def bf16_inputs(device, n: int, c: int, seed: int):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    student = (torch.randn(n, c, device=device, generator=gen) * 3).to(torch.bfloat16).requires_grad_(True)
+    teacher = (torch.randn(n, c, device=device, generator=gen) * 3).to(torch.bfloat16)
+    return student, teacher, torch.randint(0, c, (n,), device=device, generator=gen)
+
+
+def run_cases(res: Results, timer: Timer, device, section: str, case: str, impls: dict, ref_run, floor: int, extra):
+    """Measure every impl of one case against the eager reference's loss and gradient."""
+    ref_loss, ref_grad = (x.detach().float() for x in ref_run())
+
+    def check_of(run):
+        def check():
+            loss, g = run()
+            return max(rel_err(loss.detach(), ref_loss), rel_err(g, ref_grad))
+        return check
+
+    for impl, (why, run) in impls.items():
+        if why:
+            res.add(section=section, case=case, impl=impl, status=why)
+            continue
+        measure(res, timer, device, section=section, case=case, impl=impl, fn=run, floor_bytes=floor,
+                check=check_of(run), extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# kd_loss with the other divergences (reverse KL, JSD), bfloat16
+def bench_divergences(res: Results, timer: Timer, device, dry_run: bool):
+    compiled_ref = compile_fn(kd_loss_reference)
+    for n, c in DRY_DIVERGENCE_SHAPES if dry_run else DIVERGENCE_SHAPES:
+        for divergence in ("reverse_kl", "jsd"):
+            case = f"{divergence} [{n},{c}] bfloat16"
+            if res.out_of_time():
+                res.add(section="divergences", case=case, impl="*", status="skipped: time budget spent")
+                continue
+            student, teacher, target = bf16_inputs(device, n, c, seed=n + c)
+            kw = dict(KD_KW, divergence=divergence)
+            impls = {f"ours-{b}": (backend_status(b, device), grad_of(
+                lambda b=b: ued_fast.kd_loss(student, teacher, target, backend=b, **kw), student))
+                for b in (("cuda", "triton") if not dry_run else ("cuda", "triton", "cpp"))}
+            impls["eager"] = (None, grad_of(lambda: kd_loss_reference(student, teacher, target, **kw), student))
+            impls["compiled"] = (None, grad_of(lambda: compiled_ref(student, teacher, target, **kw), student))
+            run_cases(res, timer, device, "divergences", case, impls, impls["eager"][1], n * c * 6,
+                      dict(n=n, c=c, divergence=divergence))
+            del student, teacher, target, impls
+            empty_cache(device)
+            res.save()
+
+
+# ----------------------------------------------------------------------------------------------
+# a sparse (top-k) teacher: no dense teacher tensor
+def bench_sparse(res: Results, timer: Timer, device, dry_run: bool):
+    from ued_fast.sparse_teacher import sparse_kd_loss, sparse_kd_loss_reference
+
+    compiled_ref = compile_fn(sparse_kd_loss_reference)
+    for n, c, k in DRY_SPARSE_CASES if dry_run else SPARSE_CASES:
+        case = f"[{n},{c}] k={k} bfloat16"
+        if res.out_of_time():
+            res.add(section="sparse_teacher", case=case, impl="*", status="skipped: time budget spent")
+            continue
+        student, teacher, target = bf16_inputs(device, n, c, seed=n + c + k)
+        values, indices = torch.log_softmax(teacher.float(), dim=-1).topk(k, dim=-1)
+        del teacher
+        args = (student, indices, values, target)
+        impls = {"ours": (None, grad_of(lambda: sparse_kd_loss(*args, **KD_KW), student)),
+                 "eager": (None, grad_of(lambda: sparse_kd_loss_reference(*args, **KD_KW), student)),
+                 "compiled": (None, grad_of(lambda: compiled_ref(*args, **KD_KW), student))}
+        # Floor: read the student, write its gradient, read the top-k pairs.
+        run_cases(res, timer, device, "sparse_teacher", case, impls, impls["eager"][1],
+                  n * c * 4 + n * k * 12, dict(n=n, c=c, k=k))
+        del student, target, values, indices, args, impls
+        empty_cache(device)
+        res.save()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,7 +615,7 @@ def markdown(data: dict) -> str:
         lines.append("- DRY RUN on the CPU: tiny shapes and a wall clock; the numbers mean nothing")
     lines += ["", "Times are the median of forward+backward; GB/s is the op's byte floor over that time; "
               "err is the relative L2 error of loss and gradients against the eager fp32 reference.", ""]
-    for section in ("kd_loss", "ensemble_kd_loss", "grouped_heads"):
+    for section in REPORT_SECTIONS:
         rows = [r for r in data["results"] if r["section"] == section]
         if not rows:
             continue
@@ -559,7 +644,7 @@ def chart(data: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sections = [s for s in ("kd_loss", "ensemble_kd_loss", "grouped_heads")
+    sections = [s for s in REPORT_SECTIONS
                 if any(r["section"] == s and r.get("status") == "ok" for r in data["results"])]
     if not sections:
         return
@@ -598,10 +683,14 @@ def chart(data: dict, path: Path):
 
 
 # ----------------------------------------------------------------------------------------------
+SECTIONS = {"kd": bench_kd, "divergences": bench_divergences, "ensemble": bench_ensemble, "heads": bench_heads,
+            "sparse": bench_sparse}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results; with --dry-run a temp folder)")
-    parser.add_argument("--sections", default="kd,ensemble,heads", help="comma list of kd, ensemble, heads")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, wall-clock timer")
     parser.add_argument("--time-budget", type=float, default=float(os.environ.get("UED_FAST_BENCH_BUDGET", 1e9)),
                         help="seconds; cases after it are recorded as skipped (keeps a device call in its limit)")
@@ -630,10 +719,10 @@ def main(argv=None) -> int:
     print(f"copy bandwidth: {res.copy['gbps']:.1f} GB/s", flush=True)
     res.save()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"kd", "ensemble", "heads"}
+    unknown = sections - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {sorted(unknown)}")
-    for name, fn in (("kd", bench_kd), ("ensemble", bench_ensemble), ("heads", bench_heads)):
+    for name, fn in SECTIONS.items():
         if name in sections:
             try:
                 fn(res, timer, device, args.dry_run)

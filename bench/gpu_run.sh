@@ -160,11 +160,12 @@ if has_stage ncu; then  # hardware counters of the CUDA kd_loss kernel (not in t
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_sector_hit_rate.pct,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread \
     $PY - >"$OUT/ncu.log" 2>&1 <<'PYEOF'
 import torch, ued_fast
-from ued_fast.ops.kd_loss import _native_forward
+from ued_fast.ops import _spine
 for n, c in ((4096, 1000), (8192, 32000), (8192, 128256)):
     s = torch.randn(n, c, device="cuda", dtype=torch.bfloat16); t = torch.randn_like(s)
     y = torch.randint(0, c, (n,), device="cuda")
-    _native_forward("cuda", s, t, y, 4.0, 0.9, True, -100, "logits", True)  # ncu replays it with cold caches
+    coefficients = _spine.kd_coefficients(4.0, 0.9, True, True)
+    _spine.native_forward("kd_loss", "cuda", s, t, y, *coefficients, -100, 0, True)  # ncu replays it cold
     torch.cuda.synchronize()
 PYEOF
   rc=$?
