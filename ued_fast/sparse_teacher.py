@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .ops import _checks
-from .ops.kd_loss import reduction_scale
+from .ops._spine import reduction_scale
 from .reference import DIVERGENCES, REDUCTIONS, _reduce, compute_dtype, divergence_rows
 
 OP = "sparse_kd_loss"
@@ -173,7 +173,7 @@ def sparse_kd_loss_reference(
     in_support = torch.zeros(n, c, dtype=cd, device=s.device).scatter_add(-1, indices, live.to(cd)) > 0
     log_q_rest = torch.logsumexp(log_q.masked_fill(in_support, -math.inf), dim=-1, keepdim=True)
     log_q_k = torch.where(live, log_q.gather(-1, indices), torch.full_like(log_p[:, :-1], -math.inf))
-    rows = kd_coef * _divergence_rows(log_p, torch.cat([log_q_k, log_q_rest], dim=-1), divergence, beta)
+    rows = kd_coef * divergence_rows(log_p, torch.cat([log_q_k, log_q_rest], dim=-1), divergence, beta)
     if target is None:
         return _reduce(rows, torch.ones_like(rows, dtype=torch.bool), c, reduction)
     valid = target != ignore_index
@@ -181,14 +181,6 @@ def sparse_kd_loss_reference(
     ce = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_target[:, None]).squeeze(-1)
     rows = torch.where(valid, rows + ce_coef * ce, torch.zeros_like(rows))
     return _reduce(rows, valid, c, reduction)
-
-
-def _divergence_rows(log_p, log_q, divergence, beta):
-    """divergence_rows, with jsd at beta 0 or 1 exactly 0 (m is then q or p): the (k+1)-category
-    distributions can hold a 0 on one side where the other is not, and 0 * inf would be NaN."""
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        return torch.zeros_like(log_p[:, 0])
-    return divergence_rows(log_p, log_q, divergence, beta)
 
 
 def _lse_keep_exp(x: torch.Tensor):
@@ -241,7 +233,7 @@ class _SparseKDFunction(torch.autograd.Function):
             lse, e, e_sum = _lse_keep_exp(z)
             lse_off, e_off, e_off_sum = _lse_keep_exp(off)
             log_q = torch.cat([torch.where(lv, z_k - lse, neg_inf), lse_off - lse], dim=-1)
-            rows = kd_coef * _divergence_rows(lp, log_q, divergence, beta)
+            rows = kd_coef * divergence_rows(lp, log_q, divergence, beta)
             keep = torch.ones_like(lse, dtype=torch.bool)
             if target is not None:
                 keep = valid[r0:r1, None]
@@ -308,4 +300,4 @@ def sparse_kd_loss(
                                    student.requires_grad and torch.is_grad_enabled())
     if reduction == "none":
         return rows
-    return rows.sum() * reduction_scale(valid, n, c, reduction, cd, student.device)
+    return rows.sum() * reduction_scale(target, ignore_index, n, c, reduction, cd, student.device)
