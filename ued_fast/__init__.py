@@ -7,7 +7,9 @@ from .ops.fused_linear_kd_loss import (FusedLinearEnsembleKDLoss, FusedLinearKDL
 from .ops.grouped_heads import GroupedHeads, grouped_heads
 from .ops._checks import set_input_checks
 from .ops.kd_loss import KDLoss, kd_loss
+from .presets import PRESET_DIFFERENCES, PRESETS, preset_kwargs
 from .reference import ensemble_kd_loss_reference, grouped_heads_reference, kd_loss_reference
+from .sparse_teacher import sparse_kd_loss, sparse_kd_loss_reference
 
 _load_extension()
 
@@ -16,5 +18,6 @@ __all__ = [
     "kd_loss", "KDLoss", "ensemble_kd_loss", "EnsembleKDLoss", "grouped_heads", "GroupedHeads",
     "kd_loss_reference", "ensemble_kd_loss_reference", "grouped_heads_reference", "available_backends",
     "fused_linear_kd_loss", "FusedLinearKDLoss", "fused_linear_ensemble_kd_loss", "FusedLinearEnsembleKDLoss",
-    "set_input_checks",
+    "set_input_checks", "PRESETS", "PRESET_DIFFERENCES", "preset_kwargs", "sparse_kd_loss",
+    "sparse_kd_loss_reference",
 ]
