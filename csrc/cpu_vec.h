@@ -84,25 +84,26 @@ inline acc_t max_nan(acc_t x, acc_t y) {
   return (x != x || x > y) ? x : y;  // NaN wins, so a NaN input gives a NaN loss
 }
 
-// Horizontal max (NaN wins) and sum of a vector's lanes.
-template <typename acc_t>
-inline acc_t hmax(const Vectorized<acc_t>& v) {
+// Reduction of a vector's lanes with f, in lane order.
+template <typename acc_t, typename F>
+inline acc_t hreduce(const Vectorized<acc_t>& v, F f) {
   constexpr int64_t V = Vectorized<acc_t>::size();
   acc_t lanes[V];
   v.store(lanes);
   acc_t r = lanes[0];
-  for (int64_t k = 1; k < V; ++k) r = max_nan(r, lanes[k]);
+  for (int64_t k = 1; k < V; ++k) r = f(r, lanes[k]);
   return r;
+}
+
+// Horizontal max (NaN wins) and sum of a vector's lanes.
+template <typename acc_t>
+inline acc_t hmax(const Vectorized<acc_t>& v) {
+  return hreduce(v, max_nan<acc_t>);
 }
 
 template <typename acc_t>
 inline acc_t hsum(const Vectorized<acc_t>& v) {
-  constexpr int64_t V = Vectorized<acc_t>::size();
-  acc_t lanes[V];
-  v.store(lanes);
-  acc_t r = 0;
-  for (int64_t k = 0; k < V; ++k) r += lanes[k];
-  return r;
+  return hreduce(v, [](acc_t a, acc_t b) { return a + b; });
 }
 
 // Max of x[0, padded), padded a multiple of the vector width.

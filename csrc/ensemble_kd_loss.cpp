@@ -72,6 +72,7 @@ void run_rows(const Params<acc_t>& P, const scalar_t* student, int64_t s_stride,
     const acc_t ce_coef = has_target ? P.ce_coef : acc_t(0);
     const bool do_kl = kd_coef != acc_t(0);
     const bool do_ce = ce_coef != acc_t(0);
+    const bool four_sweeps = log_ratio && do_kl;  // reverse_kl, jsd: the gradient needs S first
 
     // Teachers with weight 0 contribute nothing: skip them (no read, no log(0)).
     int64_t kk = 0;
@@ -218,21 +219,18 @@ void run_rows(const Params<acc_t>& P, const scalar_t* student, int64_t s_stride,
           if (g) h.store(e_t + c0);  // e_t's column c0 is read above and never again
         }
       }
-      if (g && !log_ratio) {
+      if (g && !four_sweeps) {
         if (do_ce) gv = at::vec::fmadd(v_ce, V::loadu(e_s + c0) * v_inv_zs, gv);
         cpu::store_partial<acc_t>(gv, g + c0, n);
       }
     }
     // Sweep 4 (reverse_kl, jsd): grad = g_kd * q (h - S) + ce_coef * softmax(s).
-    if (g && log_ratio) {
+    if (g && four_sweeps) {
       const V v_s(cpu::hsum(sqh));
       for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const V q = V::loadu(e_sT + c0) * v_inv_zsT;
+        V gv = v_gkd * V::blendv(q * (V::loadu(e_t + c0) - v_s), zero, q == zero);
         const int64_t n = std::min<int64_t>(L, C - c0);
-        V gv(0);
-        if (do_kl) {
-          const V q = V::loadu(e_sT + c0) * v_inv_zsT;
-          gv = v_gkd * V::blendv(q * (V::loadu(e_t + c0) - v_s), zero, q == zero);
-        }
         if (do_ce) gv = at::vec::fmadd(v_ce, V::loadu(e_s + c0) * v_inv_zs, gv);
         cpu::store_partial<acc_t>(gv, g + c0, n);
       }
@@ -257,12 +255,14 @@ void check_args(const at::Tensor& student, at::TensorList teachers, const at::Te
   check_target(kOp, target, student);
 }
 
+// The CPU kernel; on meta tensors (torch.compile tracing, opcheck) the output shapes and dtypes only.
 std::tuple<at::Tensor, at::Tensor> ensemble_kd_loss_fwd_cpu(
     const at::Tensor& student, at::TensorList teachers, const at::Tensor& weights,
     const std::optional<at::Tensor>& target, double inv_student_temp, double inv_teacher_temp, double kd_coef,
     double ce_coef, int64_t divergence, double beta, int64_t ignore_index, int64_t mix, bool compute_grad) {
   check_args(student, teachers, weights, target, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence,
              beta, mix);
+  if (student.is_meta()) return kd_outputs(student, compute_grad, acc_dtype(student.scalar_type()));
   TORCH_CHECK_VALUE(student.device().is_cpu(), kOp, ": the CPU kernel takes CPU tensors only");
   cpu::check_cpu_supports_build();
   const int64_t N = student.size(0), C = student.size(1), K = static_cast<int64_t>(teachers.size());
@@ -302,16 +302,6 @@ std::tuple<at::Tensor, at::Tensor> ensemble_kd_loss_fwd_cpu(
   return {row_loss, grad};
 }
 
-// Shapes and dtypes only (torch.compile tracing, opcheck).
-std::tuple<at::Tensor, at::Tensor> ensemble_kd_loss_fwd_meta(
-    const at::Tensor& student, at::TensorList teachers, const at::Tensor& weights,
-    const std::optional<at::Tensor>& target, double inv_student_temp, double inv_teacher_temp, double kd_coef,
-    double ce_coef, int64_t divergence, double beta, int64_t ignore_index, int64_t mix, bool compute_grad) {
-  check_args(student, teachers, weights, target, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence,
-             beta, mix);
-  return kd_outputs(student, compute_grad, acc_dtype(student.scalar_type()));
-}
-
 }  // namespace
 }  // namespace ued_fast
 
@@ -320,12 +310,9 @@ TORCH_LIBRARY_FRAGMENT(ued_fast, m) {
       "ensemble_kd_loss_fwd(Tensor student, Tensor[] teachers, Tensor weights, Tensor? target, "
       "float inv_student_temp, float inv_teacher_temp, float kd_coef, float ce_coef, int divergence, float beta, "
       "int ignore_index, int mix, bool compute_grad) -> (Tensor, Tensor)");
+  m.impl("ensemble_kd_loss_fwd", torch::dispatch(c10::DispatchKey::Meta, TORCH_FN(ued_fast::ensemble_kd_loss_fwd_cpu)));
 }
 
 TORCH_LIBRARY_IMPL(ued_fast, CPU, m) {
   m.impl("ensemble_kd_loss_fwd", &ued_fast::ensemble_kd_loss_fwd_cpu);
-}
-
-TORCH_LIBRARY_IMPL(ued_fast, Meta, m) {
-  m.impl("ensemble_kd_loss_fwd", &ued_fast::ensemble_kd_loss_fwd_meta);
 }

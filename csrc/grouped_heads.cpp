@@ -62,10 +62,6 @@ CoverTables read_tables(const at::Tensor& cover_index, const at::Tensor& class_p
 }
 
 
-// features [N, K*D] or [K, N, D] -> a [K, N, D] view (no copy).
-at::Tensor heads_view(const at::Tensor& features, int64_t K, int64_t D) {
-  return features.dim() == 3 ? features : features.unflatten(1, {K, D}).transpose(0, 1);
-}
 
 void check_inputs(const at::Tensor& features, const at::Tensor& weight, const CoverTables& tab) {
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == tab.K && weight.size(2) == tab.W,

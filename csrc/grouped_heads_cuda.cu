@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_reduce.cuh"
+#include "utils.h"
 
 #include <algorithm>
 #include <cmath>
@@ -252,12 +253,6 @@ void check_cuda_inputs(const at::Tensor& features, const at::Tensor& weight, con
               "grouped_heads: features must be [N, K*D] or [K, N, D]");
 }
 
-at::Tensor heads_view(const at::Tensor& features, int64_t K, int64_t D) {
-  return features.dim() == 3 ? features : features.unflatten(1, {K, D}).transpose(0, 1);
-}
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 constexpr int64_t kGridYMax = 65535;
 constexpr size_t kDefaultDynamicSmem = 48 * 1024;  // usable without cudaFuncSetAttribute
 
@@ -305,9 +300,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_heads_fwd_cuda(
           bias.stride(0), bias.stride(1), out.stride(0), out.stride(1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return {out, at::empty({0}, features.options().dtype(acc_type(features.scalar_type())))};
+    return {out, at::empty({0}, features.options().dtype(acc_dtype(features.scalar_type())))};
   }
-  const auto acc = acc_type(features.scalar_type());
+  const auto acc = acc_dtype(features.scalar_type());
   const at::Tensor u = at::baddbmm(bias.to(acc).unsqueeze(1), hv.to(acc), weight.to(acc));  // [K, N, W]
   const at::Tensor sizes = cover_index.ge(0).sum(1);  // |S_k| on the device: no host sync
   const RowLaunch rl = row_launch(N, K, features, acc);
@@ -333,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cuda(
   const int64_t K = weight.size(0), D = weight.size(1), W = weight.size(2), C = class_ptr.size(0) - 1;
   const at::Tensor hv = heads_view(features, K, D);
   const int64_t N = hv.size(1);
-  const auto acc = acc_type(features.scalar_type());
+  const auto acc = acc_dtype(features.scalar_type());
   const at::Tensor g = grad_out.to(features.scalar_type());
   at::Tensor gu = at::empty({K, N, W}, features.options().dtype(acc));
   const at::Tensor sizes = cover_index.ge(0).sum(1);

@@ -109,6 +109,14 @@ acc_t kd_row(const student_t* s_row, const teacher_t* t_row, int64_t y, const Pa
   const acc_t g_kd = p.kd_coef * p.inv_student_temp;
   Vec za(0), zb(0), zc(0);
   acc_t loss, Za = 1, Zb = 1, S = 0;
+  // softmax(s)'s exponentials (kept for the gradient) and their sum, for the CE term.
+  auto add_ce = [&](const Vec& ds, int64_t j) {
+    if constexpr (kCE) {
+      const Vec ec = cpu::vexp(ds);
+      zc += ec;
+      if constexpr (kGrad) ec.store(E + j);
+    }
+  };
 
   if (forward_kl) {
     // Sweep 2: exponentials (kept for sweep 3) and their sums.
@@ -127,11 +135,7 @@ acc_t kd_row(const student_t* s_row, const teacher_t* t_row, int64_t y, const Pa
         ea.store(A + j);
         eb.store(B + j);
       }
-      if constexpr (kCE) {
-        const Vec ec = cpu::vexp(ds);
-        zc += ec;
-        if constexpr (kGrad) ec.store(E + j);
-      }
+      add_ce(ds, j);
     }
     Za = cpu::hsum(za);
     Zb = cpu::hsum(zb);
@@ -142,11 +146,7 @@ acc_t kd_row(const student_t* s_row, const teacher_t* t_row, int64_t y, const Pa
       const Vec ds = Vec::loadu(B + j) - vms;
       za += cpu::vexp(Vec::loadu(A + j) - vma);
       zb += cpu::vexp(ds * vinv_s);
-      if constexpr (kCE) {
-        const Vec ec = cpu::vexp(ds);
-        zc += ec;
-        if constexpr (kGrad) ec.store(E + j);
-      }
+      add_ce(ds, j);
     }
     // Sweep 3: log p, log q, the divergence and S = sum_j q_j h_j.
     const bool jsd = p.divergence == kJsd;
@@ -252,6 +252,7 @@ void check_args(const at::Tensor& student, const at::Tensor& teacher, const std:
   check_target(kOp, target, student);
 }
 
+// The CPU kernel; on meta tensors (torch.compile tracing, opcheck) the output shapes and dtypes only.
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                    const std::optional<at::Tensor>& target_in,
                                                    double inv_student_temp, double inv_teacher_temp, double kd_coef,
@@ -259,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in,
                                                    int64_t ignore_index, int64_t teacher_kind, bool compute_grad) {
   check_args(student_in, teacher_in, target_in, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence,
              beta, teacher_kind);
+  if (student_in.is_meta()) return kd_outputs(student_in, compute_grad, acc_dtype(student_in.scalar_type()));
   TORCH_CHECK_VALUE(student_in.device().is_cpu(), "kd_loss_fwd: the CPU kernel takes CPU tensors only");
   cpu::check_cpu_supports_build();
   // Any row stride is fine; the class dimension must be dense.
@@ -289,17 +291,6 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in,
   return {row_loss, grad};
 }
 
-// Shapes and dtypes only (torch.compile tracing, opcheck).
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_meta(const at::Tensor& student, const at::Tensor& teacher,
-                                                    const std::optional<at::Tensor>& target, double inv_student_temp,
-                                                    double inv_teacher_temp, double kd_coef, double ce_coef,
-                                                    int64_t divergence, double beta, int64_t ignore_index,
-                                                    int64_t teacher_kind, bool compute_grad) {
-  check_args(student, teacher, target, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence, beta,
-             teacher_kind);
-  return kd_outputs(student, compute_grad, acc_dtype(student.scalar_type()));
-}
-
 }  // namespace
 }  // namespace ued_fast
 
@@ -308,12 +299,9 @@ TORCH_LIBRARY_FRAGMENT(ued_fast, m) {
       "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? target, float inv_student_temp, float inv_teacher_temp, "
       "float kd_coef, float ce_coef, int divergence, float beta, int ignore_index, int teacher_kind, "
       "bool compute_grad) -> (Tensor, Tensor)");
+  m.impl("kd_loss_fwd", torch::dispatch(c10::DispatchKey::Meta, TORCH_FN(ued_fast::kd_loss_fwd_cpu)));
 }
 
 TORCH_LIBRARY_IMPL(ued_fast, CPU, m) {
   m.impl("kd_loss_fwd", &ued_fast::kd_loss_fwd_cpu);
-}
-
-TORCH_LIBRARY_IMPL(ued_fast, Meta, m) {
-  m.impl("kd_loss_fwd", &ued_fast::kd_loss_fwd_meta);
 }

@@ -252,6 +252,18 @@ struct MergeStats {
 };
 
 #ifndef UED_FAST_KD_MATH_ONLY
+// Maxima of a thread's teacher and student values (register arrays).
+template <int N>
+__device__ __forceinline__ void array_max(const float (&u)[N], const float (&s)[N], float& m_u, float& m_s) {
+  m_u = -INFINITY;
+  m_s = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    m_u = fmaxf(m_u, u[k]);
+    m_s = fmaxf(m_s, s[k]);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ float load_one(const void* base, int64_t offset) {
   return to_float(__ldg(reinterpret_cast<const T*>(base) + offset));
@@ -291,12 +303,8 @@ kd_loss_warp_kernel(const KdParams p) {
       u[k] = -INFINITY;
     }
   }
-  float m_u = -INFINITY, m_s = -INFINITY;
-#pragma unroll
-  for (int k = 0; k < ELEMS; ++k) {
-    m_u = fmaxf(m_u, u[k]);
-    m_s = fmaxf(m_s, s[k]);
-  }
+  float m_u, m_s;
+  array_max(u, s, m_u, m_s);
   m_u = cuda::warp_allreduce(m_u, cuda::MaxOp{});
   m_s = cuda::warp_allreduce(m_s, cuda::MaxOp{});
 
@@ -327,12 +335,14 @@ kd_loss_warp_kernel(const KdParams p) {
   float loss = finish_row(p, st, s_y, nrm);
   const bool forward_kl = p.divergence == kForwardKl;
   DivSums div{0.f, 0.f};
-  if (!forward_kl) {  // s[] now holds q's numerators: the student row is read again (L1/L2)
+  // f(k, j) for this lane's classes j (k: the register slot).
+  auto for_each_class = [&](auto&& f) {
 #pragma unroll
-    for (int k = 0; k < ELEMS; ++k) {
-      const int64_t j = int64_t(k) * 32 + lane;
-      if (j < C) accumulate_div(p, nrm, u[k], load_one<S>(p.student, s_off + j), div);
-    }
+    for (int k = 0; k < ELEMS; ++k)
+      if (int64_t(k) * 32 + lane < C) f(k, int64_t(k) * 32 + lane);
+  };
+  if (!forward_kl) {  // s[] now holds q's numerators: the student row is read again (L1/L2)
+    for_each_class([&](int k, int64_t j) { accumulate_div(p, nrm, u[k], load_one<S>(p.student, s_off + j), div); });
     div = cuda::warp_allreduce(div, cuda::SumOp{});
     loss += p.kd_coef * div.d;
   }
@@ -340,20 +350,16 @@ kd_loss_warp_kernel(const KdParams p) {
   if (grad_row == nullptr) return;
 
   const float inv_za = 1.f / st.z_a, inv_zb = 1.f / st.z_b, inv_zs = with_ce ? 1.f / st.z_s : 0.f;
-#pragma unroll
-  for (int k = 0; k < ELEMS; ++k) {
-    const int64_t j = int64_t(k) * 32 + lane;
-    if (j < C) {
-      float g;
-      if (forward_kl) {
-        g = p.g_kd * (s[k] * inv_zb - ea[k] * inv_za);
-        if (with_ce) g += p.ce_coef * (es[k] * inv_zs - (j == tg.y ? 1.f : 0.f));
-      } else {
-        g = grad_element(p, nrm, u[k], load_one<S>(p.student, s_off + j), j == tg.y, div.s);
-      }
-      grad_row[j] = from_float<S>(g);
+  for_each_class([&](int k, int64_t j) {
+    float g;
+    if (forward_kl) {
+      g = p.g_kd * (s[k] * inv_zb - ea[k] * inv_za);
+      if (with_ce) g += p.ce_coef * (es[k] * inv_zs - (j == tg.y ? 1.f : 0.f));
+    } else {
+      g = grad_element(p, nrm, u[k], load_one<S>(p.student, s_off + j), j == tg.y, div.s);
     }
-  }
+    grad_row[j] = from_float<S>(g);
+  });
 }
 
 // ---- block per row: online softmax over VEC-wide chunks, then a gradient pass ----
@@ -411,12 +417,8 @@ kd_loss_block_kernel(const KdParams p) {
         u[r * VEC + k] = tv[k];
       }
     }
-    float cm_u = -INFINITY, cm_s = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < kChunk; ++k) {
-      cm_u = fmaxf(cm_u, u[k]);
-      cm_s = fmaxf(cm_s, s[k]);
-    }
+    float cm_u, cm_s;
+    array_max(u, s, cm_u, cm_s);
     if (cm_u > st.m_u || cm_s > st.m_s)  // rare after the first chunks: rescale only then
       rebase(st, fmaxf(st.m_u, cm_u), fmaxf(st.m_s, cm_s), k_a, k_b, with_ce);
 #pragma unroll

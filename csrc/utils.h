@@ -109,4 +109,9 @@ inline std::tuple<at::Tensor, at::Tensor> kd_outputs(const at::Tensor& student, 
   return {row_loss, grad};
 }
 
+// grouped_heads: features [N, K*D] or [K, N, D] -> a [K, N, D] view (no copy).
+inline at::Tensor heads_view(const at::Tensor& features, int64_t K, int64_t D) {
+  return features.dim() == 3 ? features : features.unflatten(1, {K, D}).transpose(0, 1);
+}
+
 }  // namespace ued_fast

@@ -175,6 +175,25 @@ def test_kd_loss_fwd_zero_probability_teacher(divergence, kind):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kd_and_ensemble_with_one_term_only(divergence, alpha):
+    # alpha 0: kd_coef = 0, the CE alone; alpha 1: ce_coef = 0, the divergence alone.
+    gen = torch.Generator().manual_seed(8)
+    student = torch.randn(5, 11, generator=gen, dtype=torch.float64)
+    stacked = torch.randn(2, 5, 11, generator=gen, dtype=torch.float64)
+    target = make_target(5, 11, "ignored", gen)
+    check_kd(student, stacked[0], target, torch.float64, temperature=2.0, alpha=alpha, divergence=divergence)
+    weights = torch.full((2, 5), 0.5, dtype=torch.float64)
+    for mix in ("prob", "logit"):
+        kw = dict(mix=mix, temperature=2.0, alpha=alpha, divergence=divergence)
+        rows, grad = ensemble_native(student, stacked.unbind(0), weights, target, **kw)
+        ref_rows, ref_grad = reference_rows_and_grad(ensemble_kd_loss_reference, student, stacked, weights, target,
+                                                     ignore_index=IGNORE, **kw)
+        torch.testing.assert_close(rows, ref_rows, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_kd_loss_fwd_all_ignored_rows(divergence):
     gen = torch.Generator().manual_seed(6)
