@@ -36,21 +36,13 @@ template <> __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bf
 template <> __host__ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 // exp and log of the kernels: the fast intrinsics on the device, libm on the host.
-__host__ __device__ __forceinline__ float fast_exp(float x) {
 #ifdef __CUDA_ARCH__
-  return __expf(x);
+#define UED_FAST_DEVICE_OR_HOST(device_fn, host_fn) device_fn
 #else
-  return std::exp(x);
+#define UED_FAST_DEVICE_OR_HOST(device_fn, host_fn) host_fn
 #endif
-}
-
-__host__ __device__ __forceinline__ float fast_log(float x) {
-#ifdef __CUDA_ARCH__
-  return __logf(x);
-#else
-  return std::log(x);
-#endif
-}
+__host__ __device__ __forceinline__ float fast_exp(float x) { return UED_FAST_DEVICE_OR_HOST(__expf, std::exp)(x); }
+__host__ __device__ __forceinline__ float fast_log(float x) { return UED_FAST_DEVICE_OR_HOST(__logf, std::log)(x); }
 
 // Element terms of the divergences that need log p and log q per element (reverse_kl, jsd), given
 // p, q and their logs (0 * log 0 = 0 on every side; the float twin of cpu::divergence_terms).
