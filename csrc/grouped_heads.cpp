@@ -17,6 +17,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_vec.h"
+#include "utils.h"
+
 #include <algorithm>
 #include <bit>
 #include <cstdint>
@@ -58,12 +61,7 @@ CoverTables read_tables(const at::Tensor& cover_index, const at::Tensor& class_p
   return tab;
 }
 
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// features [N, K*D] or [K, N, D] -> a [K, N, D] view (no copy).
-at::Tensor heads_view(const at::Tensor& features, int64_t K, int64_t D) {
-  return features.dim() == 3 ? features : features.unflatten(1, {K, D}).transpose(0, 1);
-}
 
 void check_inputs(const at::Tensor& features, const at::Tensor& weight, const CoverTables& tab) {
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == tab.K && weight.size(2) == tab.W,
@@ -78,33 +76,7 @@ void check_inputs(const at::Tensor& features, const at::Tensor& weight, const Co
 // output are contiguous, so every inner loop below runs over contiguous lanes and vectorizes.
 constexpr int64_t kLanes = 16;
 
-// exp for those lane loops, whose arguments are all <= 0 (x - max). float: a Cephes-style polynomial
-// (rel. error ~1e-7) with no float compare, which the compiler vectorizes (std::exp does not without
-// -ffast-math, nor does a float clamp without -fno-trapping-math); arguments below -87 give ~1e-38
-// rather than 0, which no sum here can tell apart. Not for x > 88. double (gradcheck) uses std::exp.
-template <typename T>
-inline T lane_exp(T x) {
-  return std::exp(x);
-}
-template <>
-inline float lane_exp<float>(float x) {
-  // x = max(x, -87) as an integer compare on the bits (a float one would not vectorize): for x <= 0
-  // a larger bit pattern is a more negative number (-inf and negative NaN clamp too).
-  const uint32_t x_bits = std::bit_cast<uint32_t>(x);
-  x = std::bit_cast<float>(x_bits > 0xC2AE0000u ? 0xC2AE0000u : x_bits);  // 0xC2AE0000 = -87.0f
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // in [-ln2/2, ln2/2]
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  // 2^n as float bits; the integer clamp keeps the exponent field valid for very negative x.
-  const int32_t bits = (std::clamp(static_cast<int32_t>(n), -126, 127) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
-}
+using cpu::lane_exp;  // the lane loops below vectorize with it (see cpu_vec.h)
 
 // Rows n0..n0+B of lq_t [K, W, N] (log q of every head output) -> lr [C][kLanes] = log r_c and
 // z [kLanes] = logsumexp over c of lr (the output is lr - z). A class held by one head (most of them)
@@ -194,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_heads_fwd_cpu(
   const CoverTables tab = read_tables(cover_index, class_ptr, class_entries);
   check_inputs(features, weight, tab);
   TORCH_CHECK(mode == kLogitMean || mode == kProbMean, "grouped_heads: mode must be 0 or 1");
-  const auto cd = compute_type(features.scalar_type());
+  const auto cd = acc_dtype(features.scalar_type());
   const int64_t K = tab.K, D = weight.size(1), C = tab.C;
   const int64_t N = features.dim() == 2 ? features.size(0) : features.size(1);
   const at::Tensor h = features.to(cd);
@@ -264,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cpu(
     const at::Tensor& class_entries, int64_t mode, bool need_features, bool need_params) {
   const CoverTables tab = read_tables(cover_index, class_ptr, class_entries);
   check_inputs(features, weight, tab);
-  const auto cd = compute_type(features.scalar_type());
+  const auto cd = acc_dtype(features.scalar_type());
   const int64_t K = tab.K, D = weight.size(1), W = tab.W, C = tab.C;
   const int64_t N = features.dim() == 2 ? features.size(0) : features.size(1);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == C,

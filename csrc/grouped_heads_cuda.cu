@@ -20,6 +20,9 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda_reduce.cuh"
+#include "utils.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -31,18 +34,6 @@ constexpr int64_t kProbMean = 1;
 constexpr int kTileN = 64, kTileC = 32, kTileD = 32, kTileThreads = 256;
 constexpr int kRowsPerWarp = kTileN / (kTileThreads / kTileC);  // 8 rows per thread
 constexpr int kWarpsPerBlock = 4;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 template <typename scalar_t>
 __global__ void logit_mean_fwd_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ w,
@@ -136,10 +127,10 @@ __device__ void head_lse(const acc_t* u, const int64_t* sizes, acc_t* lse, int64
     const int64_t real = sizes[k] + 1;
     acc_t m = -INFINITY;
     for (int64_t j = lane; j < real; j += 32) m = max(m, uk[j]);
-    m = warp_max(m);
+    m = cuda::warp_allreduce(m, cuda::MaxOp{});
     acc_t s = 0;
     for (int64_t j = lane; j < real; j += 32) s += exp(uk[j] - m);
-    s = warp_sum(s);
+    s = cuda::warp_allreduce(s, cuda::SumOp{});
     if (lane == 0) lse[k] = m + log(s);
   }
   __syncwarp();
@@ -161,9 +152,9 @@ __device__ acc_t row_normalizer(const acc_t* u, const acc_t* lse, const int64_t*
       s += exp(lr - m);
     }
   }
-  const acc_t gm = warp_max(m);
+  const acc_t gm = cuda::warp_allreduce(m, cuda::MaxOp{});
   s = (m == -INFINITY) ? acc_t(0) : s * exp(m - gm);
-  return gm + log(warp_sum(s));
+  return gm + log(cuda::warp_allreduce(s, cuda::SumOp{}));
 }
 
 // Row n's K head logsumexps: in this warp's slice of shared memory, or (lse_global, when K heads do
@@ -217,7 +208,7 @@ __global__ void grad_heads_kernel(const scalar_t* __restrict__ g, const acc_t* _
   const acc_t z = row_normalizer(u, lse, class_ptr, class_entries, n, N, W, C, lane);
   acc_t g_sum = 0;
   for (int64_t c = lane; c < C; c += 32) g_sum += acc_t(g[n * s_gn + c * s_gc]);
-  g_sum = warp_sum(g_sum);
+  g_sum = cuda::warp_allreduce(g_sum, cuda::SumOp{});
   // d out / d lq_kj = (g_c - P_c * sum g) * q_kj / (sum of the covering q's), P = exp(out);
   // lq = u - lse_k, so gu = glq - q * sum_j glq over the head's real outputs.
   for (int64_t k = 0; k < K; ++k) {
@@ -236,7 +227,7 @@ __global__ void grad_heads_kernel(const scalar_t* __restrict__ g, const acc_t* _
       guk[j] = glq;  // provisional; the softmax correction below needs the head's sum
       s += glq;
     }
-    s = warp_sum(s);
+    s = cuda::warp_allreduce(s, cuda::SumOp{});
     for (int64_t j = lane; j < W; j += 32) {
       guk[j] = j < real ? guk[j] - exp(uk[j] - lse[k]) * s : acc_t(0);
     }
@@ -261,12 +252,6 @@ void check_cuda_inputs(const at::Tensor& features, const at::Tensor& weight, con
                   (features.dim() == 3 && features.size(0) == K && features.size(2) == D),
               "grouped_heads: features must be [N, K*D] or [K, N, D]");
 }
-
-at::Tensor heads_view(const at::Tensor& features, int64_t K, int64_t D) {
-  return features.dim() == 3 ? features : features.unflatten(1, {K, D}).transpose(0, 1);
-}
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 constexpr int64_t kGridYMax = 65535;
 constexpr size_t kDefaultDynamicSmem = 48 * 1024;  // usable without cudaFuncSetAttribute
@@ -315,9 +300,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_heads_fwd_cuda(
           bias.stride(0), bias.stride(1), out.stride(0), out.stride(1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return {out, at::empty({0}, features.options().dtype(acc_type(features.scalar_type())))};
+    return {out, at::empty({0}, features.options().dtype(acc_dtype(features.scalar_type())))};
   }
-  const auto acc = acc_type(features.scalar_type());
+  const auto acc = acc_dtype(features.scalar_type());
   const at::Tensor u = at::baddbmm(bias.to(acc).unsqueeze(1), hv.to(acc), weight.to(acc));  // [K, N, W]
   const at::Tensor sizes = cover_index.ge(0).sum(1);  // |S_k| on the device: no host sync
   const RowLaunch rl = row_launch(N, K, features, acc);
@@ -343,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cuda(
   const int64_t K = weight.size(0), D = weight.size(1), W = weight.size(2), C = class_ptr.size(0) - 1;
   const at::Tensor hv = heads_view(features, K, D);
   const int64_t N = hv.size(1);
-  const auto acc = acc_type(features.scalar_type());
+  const auto acc = acc_dtype(features.scalar_type());
   const at::Tensor g = grad_out.to(features.scalar_type());
   at::Tensor gu = at::empty({K, N, W}, features.options().dtype(acc));
   const at::Tensor sizes = cover_index.ge(0).sum(1);

@@ -1,108 +1,41 @@
-// kd_loss_fwd: the C++ CPU kernel of the fused knowledge-distillation loss (DESIGN 2.1).
-// The contract (shapes, dtypes, what the two outputs hold) is in ued_fast/ops/kd_loss.py; the spec
+// kd_loss_fwd: the C++ CPU kernel of the fused knowledge-distillation loss (DESIGN 2.1) and the op's
+// schema. Arguments and semantics: CONTRACT.md (the coefficients arrive computed on the host); the spec
 // is ued_fast.reference.kd_loss_reference.
 //
-// Per row, with a = teacher/T (log(teacher)/T for probs), b = s/T, c = s:
-//   KL  = sum_j p_j (log p_j - log q_j) = W/Za - log Za + log Zb,
-//         W = sum_j exp(a_j - ma) * ((a_j - ma) - (b_j - mb))      (0 where p_j = 0: 0 log 0 = 0)
+// Per row, with a = teacher * inv_teacher_temp (log(teacher) * inv_teacher_temp for probs),
+// b = s * inv_student_temp, c = s, p = softmax(a), q = softmax(b):
+//   forward_kl: D = sum_j p_j (log p_j - log q_j) = W/Za - log Za + log Zb,
+//               W = sum_j exp(a_j - ma) * ((a_j - ma) - (b_j - mb))   (0 where p_j = 0: 0 log 0 = 0)
+//   reverse_kl, jsd: cpu::divergence_terms on log p and log q per element (one more sweep)
 //   CE  = log Zc - (s_y - mc)
-//   row = alpha*s2*KL + (1-alpha)*CE        (s2*KL when target is None)
-//   grad_j = alpha*(s2/T)*(q_j - p_j) + (1-alpha)*(softmax(s)_j - [j == y])
-// Three sweeps over the row: load (convert to the accumulation type) and maxima, exponentials and
-// sums, gradient. Student and teacher are read from memory once, by the first; the row then sits in
-// per-thread buffers in L1/L2 (3 rows of floats: 384 KiB at C = 32000). Taking the maxima first
-// from cache costs less than an online max, which rescales the running sums with an extra exp.
-// Shifting by the maxima keeps logits of magnitude 1e4 finite; writing W with shifted terms keeps
-// the KL free of the cancellation a sum of p*(a-b) of unshifted logits would suffer.
-//
-// Vector width: ATen's Vectorized follows the compile-time CPU_CAPABILITY that setup.py sets
-// (AVX2+FMA by default on x86-64, see the comment there). On a CPU without that capability the
-// kernel raises a clear error at its first call (best effort: other code built with the same flags
-// may hit an illegal instruction first).
+//   row = kd_coef*D + ce_coef*CE,   grad = kd_coef*inv_student_temp*dD/db + ce_coef*(softmax(s) - onehot(y))
+// forward_kl: three sweeps over the row: load (convert to the accumulation type) and maxima,
+// exponentials and sums, gradient. Student and teacher are read from memory once, by the first; the
+// row then sits in per-thread buffers in L1/L2 (3 rows of floats: 384 KiB at C = 32000). Taking the
+// maxima first from cache costs less than an online max, which rescales the running sums with an
+// extra exp. Shifting by the maxima keeps logits of magnitude 1e4 finite; writing W with shifted terms
+// keeps the KL free of the cancellation a sum of p*(a-b) of unshifted logits would suffer.
+// reverse_kl and jsd: the sums of sweep 2 give log p and log q per element in sweep 3, which
+// accumulates D and S = sum q h and keeps q and h; sweep 4 writes q (h - S).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-#include <vector>
+#include "cpu_vec.h"
+#include "utils.h"
 
 namespace ued_fast {
 namespace {
 
-using at::vec::Vectorized;
-
-// The teacher_kind codes of the Python layer (ued_fast.reference.TEACHER_KINDS order).
-constexpr int64_t kLogits = 0, kLogProbs = 1, kProbs = 2;
+using cpu::Vectorized;
 
 template <typename acc_t>
-inline Vectorized<acc_t> fast_exp(const Vectorized<acc_t>& x) {
-  // exp_u20: inline polynomial, ~2e-6 relative error, 0 for x < ln(FLT_MIN) and for -inf.
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
-
-// src[0, n) converted to the accumulation type into dst.
-template <typename scalar_t, typename acc_t>
-inline void load_row(const scalar_t* src, acc_t* dst, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::memcpy(dst, src, n * sizeof(acc_t));
-  } else if constexpr (std::is_same_v<acc_t, float> && at::vec::is_reduced_floating_point_v<scalar_t>) {
-    constexpr int64_t V = Vectorized<float>::size();
-    int64_t j = 0;
-    for (; j + V <= n; j += V) {
-      Vectorized<float> v;
-      at::vec::load_to_float(src + j, v);
-      v.store(dst + j);
-    }
-    for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]);
-  }
-}
-
-template <typename acc_t>
-inline acc_t max_nan(acc_t x, acc_t y) {
-  return (x != x || x > y) ? x : y;  // NaN wins, so a NaN input gives a NaN loss
-}
-
-template <typename acc_t>
-inline acc_t row_max(const acc_t* x, int64_t padded) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  Vec m(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t j = 0; j < padded; j += V) m = at::vec::maximum(m, Vec::loadu(x + j));
-  acc_t lanes[V];
-  m.store(lanes);
-  acc_t r = lanes[0];
-  for (int64_t k = 1; k < V; ++k) r = max_nan(r, lanes[k]);
-  return r;
-}
-
-template <typename acc_t>
-inline acc_t hsum(const Vectorized<acc_t>& v) {
-  constexpr int64_t V = Vectorized<acc_t>::size();
-  acc_t lanes[V];
-  v.store(lanes);
-  acc_t r = 0;
-  for (int64_t k = 0; k < V; ++k) r += lanes[k];
-  return r;
-}
-
 struct Params {
   int64_t n_rows, n_cols;
   int64_t student_row_stride, teacher_row_stride;
-  const int64_t* target;  // nullptr: no target (pure KL)
-  double temperature, alpha;
-  bool t2_scale;
-  int64_t ignore_index, teacher_kind;
+  const int64_t* target;  // nullptr: no target (KD term only)
+  acc_t inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, beta;
+  int64_t divergence, ignore_index, teacher_kind;
 };
 
 // Per-thread scratch: three rows of the accumulation type, padded to whole vectors.
@@ -110,110 +43,172 @@ template <typename acc_t>
 struct RowBuffers {
   int64_t padded;
   std::vector<acc_t> a, b, c;
-  explicit RowBuffers(int64_t n_cols)
-      : padded((n_cols + Vectorized<acc_t>::size() - 1) / Vectorized<acc_t>::size() *
-               Vectorized<acc_t>::size()),
-        a(padded), b(padded), c(padded) {}
+  explicit RowBuffers(int64_t n_cols) : padded(cpu::padded_size<acc_t>(n_cols)), a(padded), b(padded), c(padded) {}
+  std::tuple<acc_t*, acc_t*, acc_t*> rows() { return {a.data(), b.data(), c.data()}; }
 };
 
-// One row: loss returned, gradient (when kGrad) written to grad_row in the student's dtype.
-// kCE: the row has a cross-entropy term (target given, alpha < 1).
-template <bool kCE, bool kGrad, typename student_t, typename teacher_t, typename acc_t>
-acc_t kd_row(const student_t* s_row, const teacher_t* t_row, int64_t y, const Params& p,
-             RowBuffers<acc_t>& buf, student_t* grad_row) {
+template <typename acc_t>
+struct RowMax {
+  acc_t teacher, student;
+};
+
+// Sweep 1: the row loaded, tempered teacher log-weights a in A, student s in B, padding lanes -inf;
+// returns the maxima of a and s.
+template <typename student_t, typename teacher_t, typename acc_t>
+RowMax<acc_t> load_tempered(const student_t* s_row, const teacher_t* t_row, const Params<acc_t>& p, acc_t* A, acc_t* B,
+                   int64_t Cp) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const int64_t C = p.n_cols, Cp = buf.padded;
-  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(p.temperature);
-  const acc_t s2 = p.t2_scale ? static_cast<acc_t>(p.temperature * p.temperature) : acc_t(1);
-  const acc_t kl_weight = p.target ? static_cast<acc_t>(p.alpha) * s2 : s2;
-  const acc_t ce_weight = kCE ? acc_t(1) - static_cast<acc_t>(p.alpha) : acc_t(0);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  acc_t* A = buf.a.data();
-  acc_t* B = buf.b.data();
-  acc_t* E = buf.c.data();
-
-  // Sweep 1: load, tempered teacher log-weights a, maxima. Padding lanes are -inf (exp -> 0).
-  load_row(t_row, A, C);
-  load_row(s_row, B, C);
+  const int64_t C = p.n_cols;
+  const acc_t inv_t = p.inv_teacher_temp;
+  cpu::load_row(t_row, A, C);
+  cpu::load_row(s_row, B, C);
   const Vec vinv_t(inv_t);
-  if (p.teacher_kind == kProbs) {
+  if (p.teacher_kind == kTeacherProbs) {
     for (int64_t j = 0; j < C - C % V; j += V) (Vec::loadu(A + j).log() * vinv_t).store(A + j);
     for (int64_t j = C - C % V; j < C; ++j) A[j] = std::log(A[j]) * inv_t;  // log 0 = -inf
   } else {
     for (int64_t j = 0; j < C - C % V; j += V) (Vec::loadu(A + j) * vinv_t).store(A + j);
     for (int64_t j = C - C % V; j < C; ++j) A[j] = A[j] * inv_t;
   }
-  for (int64_t j = C; j < Cp; ++j) A[j] = B[j] = neg_inf;
-  const acc_t ma = row_max(A, Cp);
-  const acc_t ms = row_max(B, Cp);
-  const acc_t s_y = kCE ? B[y] : acc_t(0);
+  for (int64_t j = C; j < Cp; ++j) A[j] = B[j] = -std::numeric_limits<acc_t>::infinity();
+  return {cpu::row_max(A, Cp), cpu::row_max(B, Cp)};
+}
 
-  // Sweep 2: exponentials (kept for sweep 3) and their sums.
-  const Vec vma(ma), vms(ms), zero(0);
-  Vec za(0), zb(0), zc(0), w(0);
-  for (int64_t j = 0; j < Cp; j += V) {
-    const Vec da = Vec::loadu(A + j) - vma;
-    const Vec ds = Vec::loadu(B + j) - vms;
-    const Vec db = ds * vinv_t;
-    const Vec ea = fast_exp(da);
-    const Vec eb = fast_exp(db);
-    za += ea;
-    zb += eb;
-    // 0 * log 0 = 0: drop the term where p_j = 0 (a_j = -inf would make it NaN).
-    w += Vec::blendv(ea * (da - db), zero, ea == zero);
-    if constexpr (kGrad) {
-      ea.store(A + j);
-      eb.store(B + j);
-    }
+// The gradient G[0, C) (G = grad_row when the dtypes match, else scratch converted into grad_row).
+template <typename student_t, typename acc_t>
+acc_t* grad_target(student_t* grad_row, acc_t* scratch) {
+  if constexpr (std::is_same_v<student_t, acc_t>) {
+    return grad_row;
+  } else {
+    return scratch;
+  }
+}
+
+template <typename student_t, typename acc_t>
+void finish_grad(acc_t* G, student_t* grad_row, int64_t C) {
+  if constexpr (!std::is_same_v<student_t, acc_t>) at::vec::convert(G, grad_row, C);
+}
+
+// One row: loss returned, gradient (when kGrad) written to grad_row in the student's dtype.
+// kCE: the row has a cross-entropy term (target given, ce_coef > 0).
+// forward_kl: sweep 2 keeps the exponentials and W; sweep 3 writes the gradient.
+// reverse_kl / jsd (see cpu::divergence_terms): sweep 2 takes only the sums; sweep 3 forms log p,
+// log q, p and q per element, D and S = sum q h, and keeps q (in B) and h (in A) for sweep 4.
+template <bool kCE, bool kGrad, typename student_t, typename teacher_t, typename acc_t>
+acc_t kd_row(const student_t* s_row, const teacher_t* t_row, int64_t y, const Params<acc_t>& p,
+             RowBuffers<acc_t>& buf, student_t* grad_row) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = p.n_cols, Cp = buf.padded;
+  auto [A, B, E] = buf.rows();
+  const auto [ma, ms] = load_tempered(s_row, t_row, p, A, B, Cp);
+  const acc_t s_y = kCE ? B[y] : acc_t(0);
+  const bool forward_kl = p.divergence == kForwardKl;
+  const Vec vma(ma), vms(ms), vinv_s(p.inv_student_temp), zero(0);
+  const acc_t g_kd = p.kd_coef * p.inv_student_temp;
+  Vec za(0), zb(0), zc(0);
+  acc_t loss, Za = 1, Zb = 1, S = 0;
+  // softmax(s)'s exponentials (kept for the gradient) and their sum, for the CE term.
+  auto add_ce = [&](const Vec& ds, int64_t j) {
     if constexpr (kCE) {
-      const Vec ec = fast_exp(ds);
+      const Vec ec = cpu::vexp(ds);
       zc += ec;
       if constexpr (kGrad) ec.store(E + j);
     }
+  };
+
+  if (forward_kl) {
+    // Sweep 2: exponentials (kept for sweep 3) and their sums.
+    Vec w(0);
+    for (int64_t j = 0; j < Cp; j += V) {
+      const Vec da = Vec::loadu(A + j) - vma;
+      const Vec ds = Vec::loadu(B + j) - vms;
+      const Vec db = ds * vinv_s;
+      const Vec ea = cpu::vexp(da);
+      const Vec eb = cpu::vexp(db);
+      za += ea;
+      zb += eb;
+      // 0 * log 0 = 0: drop the term where p_j = 0 (a_j = -inf would make it NaN).
+      w += Vec::blendv(ea * (da - db), zero, ea == zero);
+      if constexpr (kGrad) {
+        ea.store(A + j);
+        eb.store(B + j);
+      }
+      add_ce(ds, j);
+    }
+    Za = cpu::hsum(za);
+    Zb = cpu::hsum(zb);
+    loss = p.kd_coef * (cpu::hsum(w) / Za - std::log(Za) + std::log(Zb));
+  } else {
+    // Sweep 2: the three sums of exponentials (softmax(s)'s numerators kept for the gradient).
+    for (int64_t j = 0; j < Cp; j += V) {
+      const Vec ds = Vec::loadu(B + j) - vms;
+      za += cpu::vexp(Vec::loadu(A + j) - vma);
+      zb += cpu::vexp(ds * vinv_s);
+      add_ce(ds, j);
+    }
+    // Sweep 3: log p, log q, the divergence and S = sum_j q_j h_j.
+    const bool jsd = p.divergence == kJsd;
+    const Vec v_lpa(ma + std::log(cpu::hsum(za))), v_lqb(std::log(cpu::hsum(zb)));
+    const Vec vbeta(p.beta), vobeta(acc_t(1) - p.beta);
+    Vec d(0), s(0);
+    for (int64_t j = 0; j < Cp; j += V) {
+      const Vec log_p = Vec::loadu(A + j) - v_lpa;
+      const Vec log_q = (Vec::loadu(B + j) - vms) * vinv_s - v_lqb;
+      const Vec pj = cpu::vexp(log_p), qj = cpu::vexp(log_q);
+      Vec h;
+      // Padding lanes: p = q = 0, so they add nothing.
+      d += cpu::divergence_terms(jsd, vbeta, vobeta, pj, log_p, qj, log_q, h);
+      s += Vec::blendv(qj * h, zero, qj == zero);
+      if constexpr (kGrad) {
+        h.store(A + j);
+        qj.store(B + j);
+      }
+    }
+    loss = p.kd_coef * cpu::hsum(d);
+    S = cpu::hsum(s);
   }
-  const acc_t Za = hsum(za), Zb = hsum(zb), W = hsum(w);
-  const acc_t kl = W / Za - std::log(Za) + std::log(Zb);
-  acc_t loss = kl_weight * kl;
   acc_t Zc = 1;
   if constexpr (kCE) {
-    Zc = hsum(zc);
-    loss += ce_weight * (std::log(Zc) - (s_y - ms));
+    Zc = cpu::hsum(zc);
+    loss += p.ce_coef * (std::log(Zc) - (s_y - ms));
   }
+  if constexpr (!kGrad) return loss;
 
-  // Sweep 3: grad_j = kl_weight/T * (eb_j/Zb - ea_j/Za) + ce_weight * (ec_j/Zc - [j == y]).
-  if constexpr (kGrad) {
-    const acc_t cq = kl_weight * inv_t / Zb, cp = kl_weight * inv_t / Za;
-    const acc_t cs = kCE ? ce_weight / Zc : acc_t(0);
-    const acc_t g_y = kCE ? cq * B[y] - cp * A[y] + cs * E[y] - ce_weight : acc_t(0);
-    const Vec vcq(cq), vcp(cp), vcs(cs);
-    // Same dtype: write the gradient straight to the output; else through A, then convert.
-    acc_t* G;
-    if constexpr (std::is_same_v<student_t, acc_t>) {
-      G = grad_row;
-    } else {
-      G = A;
-    }
+  // Last sweep, the gradient: + ce_coef * (ec_j/Zc - [j == y]) and
+  //   forward_kl: g_kd * (eb_j/Zb - ea_j/Za);   reverse_kl, jsd: g_kd * q_j (h_j - S).
+  const Vec vcs(kCE ? p.ce_coef / Zc : acc_t(0));
+  acc_t* G = grad_target(grad_row, A);
+  acc_t g_y = 0;
+  if (forward_kl) {
+    const Vec vcq(g_kd / Zb), vcp(g_kd / Za);
+    if constexpr (kCE) g_y = g_kd / Zb * B[y] - g_kd / Za * A[y] + p.ce_coef / Zc * E[y] - p.ce_coef;  // before G = A
     for (int64_t j = 0; j < Cp; j += V) {
       Vec g = vcq * Vec::loadu(B + j) - vcp * Vec::loadu(A + j);
       if constexpr (kCE) g = g + vcs * Vec::loadu(E + j);
-      if (j + V <= C) {
-        g.store(G + j);
-      } else {
-        g.store(G + j, C - j);
-      }
+      g.store(G + j, std::min(V, C - j));
     }
-    if constexpr (kCE) G[y] = g_y;
-    if constexpr (!std::is_same_v<student_t, acc_t>) at::vec::convert(G, grad_row, C);
+  } else {
+    const Vec v_gkd(g_kd), v_s(S);
+    for (int64_t j = 0; j < Cp; j += V) {
+      const Vec q = Vec::loadu(B + j);
+      Vec g = v_gkd * Vec::blendv(q * (Vec::loadu(A + j) - v_s), zero, q == zero);
+      if constexpr (kCE) g = g + vcs * Vec::loadu(E + j);
+      g.store(G + j, std::min(V, C - j));
+    }
+    if constexpr (kCE) g_y = G[y] - p.ce_coef;
   }
+  if constexpr (kCE) G[y] = g_y;
+  finish_grad(G, grad_row, C);
   return loss;
 }
 
 template <typename student_t, typename teacher_t, typename acc_t>
-void kd_loss_rows(const student_t* student, const teacher_t* teacher, const Params& p, acc_t* row_loss,
+void kd_loss_rows(const student_t* student, const teacher_t* teacher, const Params<acc_t>& p, acc_t* row_loss,
                   student_t* grad, bool compute_grad) {
   const int64_t C = p.n_cols;
-  const bool has_ce = p.target != nullptr && p.alpha < 1.0;
+  const bool has_ce = p.target != nullptr && p.ce_coef > 0;
   // Enough columns per task that thread start-up is paid back (small C: one thread).
   const int64_t grain = std::max<int64_t>(1, 32768 / C);
   at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
@@ -247,61 +242,27 @@ void kd_loss_rows(const student_t* student, const teacher_t* teacher, const Para
   });
 }
 
-// Calls f(scalar_t{}) for the floating dtypes the op takes.
-template <typename F>
-void dispatch_float(at::ScalarType t, const char* name, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK_TYPE(false, "kd_loss_fwd: ", name, " must be float32, float64, bfloat16 or float16, got ", t);
-  }
-}
-
-void check_cpu_supports_build() {
-#if defined(__AVX2__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  TORCH_CHECK(ok, "ued_fast._C was built for AVX2+FMA (x86-64-v3) but this CPU lacks them; rebuild with "
-                  "UED_FAST_CPU_ARCH=x86-64 (see setup.py)");
-#endif
-#if defined(__AVX512F__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool ok512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  TORCH_CHECK(ok512, "ued_fast._C was built for AVX-512 but this CPU lacks it; rebuild with "
-                     "UED_FAST_CPU_ARCH=x86-64-v3 (see setup.py)");
-#endif
-}
+constexpr const char* kOp = "kd_loss_fwd";
 
 void check_args(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-                double temperature, double alpha, int64_t teacher_kind) {
-  TORCH_CHECK_VALUE(student.dim() == 2, "kd_loss_fwd: student must be 2-D [N, C], got ", student.sizes());
-  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "kd_loss_fwd: teacher has shape ", teacher.sizes(),
-                    " but student has ", student.sizes());
-  TORCH_CHECK_VALUE(student.size(1) > 0, "kd_loss_fwd: student has no classes");
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
-                    "kd_loss_fwd: temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "kd_loss_fwd: alpha must be in [0, 1], got ", alpha);
-  TORCH_CHECK_VALUE(teacher_kind >= kLogits && teacher_kind <= kProbs,
-                    "kd_loss_fwd: teacher_kind must be 0 (logits), 1 (log_probs) or 2 (probs), got ", teacher_kind);
-  if (target.has_value()) {
-    TORCH_CHECK_TYPE(target->scalar_type() == at::kLong, "kd_loss_fwd: target must be int64, got ",
-                     target->scalar_type());
-    TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == student.size(0),
-                      "kd_loss_fwd: target must be [N] with N = ", student.size(0), ", got ", target->sizes());
-  }
+                double inv_student_temp, double inv_teacher_temp, double kd_coef, double ce_coef, int64_t divergence,
+                double beta, int64_t teacher_kind) {
+  check_kd_pair(kOp, student, teacher, teacher_kind);
+  check_kd_coefficients(kOp, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence, beta);
+  check_target(kOp, target, student);
 }
 
+// The CPU kernel; on meta tensors (torch.compile tracing, opcheck) the output shapes and dtypes only.
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                    const std::optional<at::Tensor>& target_in,
-                                                   double temperature, double alpha, bool t2_scale,
-                                                   int64_t ignore_index, int64_t teacher_kind,
-                                                   bool compute_grad) {
-  check_args(student_in, teacher_in, target_in, temperature, alpha, teacher_kind);
-  TORCH_CHECK_VALUE(student_in.device().is_cpu() && teacher_in.device().is_cpu() &&
-                        (!target_in.has_value() || target_in->device().is_cpu()),
-                    "kd_loss_fwd: the CPU kernel takes CPU tensors only");
-  check_cpu_supports_build();
+                                                   double inv_student_temp, double inv_teacher_temp, double kd_coef,
+                                                   double ce_coef, int64_t divergence, double beta,
+                                                   int64_t ignore_index, int64_t teacher_kind, bool compute_grad) {
+  check_args(student_in, teacher_in, target_in, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence,
+             beta, teacher_kind);
+  if (student_in.is_meta()) return kd_outputs(student_in, compute_grad, acc_dtype(student_in.scalar_type()));
+  TORCH_CHECK_VALUE(student_in.device().is_cpu(), "kd_loss_fwd: the CPU kernel takes CPU tensors only");
+  cpu::check_cpu_supports_build();
   // Any row stride is fine; the class dimension must be dense.
   const at::Tensor student = student_in.stride(1) == 1 ? student_in : student_in.contiguous();
   const at::Tensor teacher = teacher_in.stride(1) == 1 ? teacher_in : teacher_in.contiguous();
@@ -309,18 +270,18 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in,
   if (target_in.has_value()) target = target_in->contiguous();
 
   const int64_t N = student.size(0), C = student.size(1);
-  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor row_loss = at::empty({N}, student.options().dtype(acc_dtype));
-  at::Tensor grad = compute_grad ? at::empty({N, C}, student.options()) : at::empty({0}, student.options());
+  auto [row_loss, grad] = kd_outputs(student, compute_grad, acc_dtype(student.scalar_type()));
   if (N == 0) return {row_loss, grad};
 
-  Params p{N, C, student.stride(0), teacher.stride(0), target.defined() ? target.data_ptr<int64_t>() : nullptr,
-           temperature, alpha, t2_scale, ignore_index, teacher_kind};
-  dispatch_float(student.scalar_type(), "student", [&](auto s_tag) {
-    using student_t = decltype(s_tag);
-    using acc_t = std::conditional_t<std::is_same_v<student_t, double>, double, float>;
-    dispatch_float(teacher.scalar_type(), "teacher", [&](auto t_tag) {
-      using teacher_t = decltype(t_tag);
+  dispatch_float<true>(student.scalar_type(), kOp, "student", [&](auto s_tag) {
+    using student_t = typename decltype(s_tag)::type;
+    using acc_t = cpu::acc_type<student_t>;
+    const Params<acc_t> p{N, C, student.stride(0), teacher.stride(0),
+                          target.defined() ? target.const_data_ptr<int64_t>() : nullptr,
+                          acc_t(inv_student_temp), acc_t(inv_teacher_temp), acc_t(kd_coef), acc_t(ce_coef),
+                          acc_t(beta), divergence, ignore_index, teacher_kind};
+    dispatch_float<true>(teacher.scalar_type(), kOp, "teacher", [&](auto t_tag) {
+      using teacher_t = typename decltype(t_tag)::type;
       kd_loss_rows<student_t, teacher_t, acc_t>(
           student.const_data_ptr<student_t>(), teacher.const_data_ptr<teacher_t>(), p,
           row_loss.mutable_data_ptr<acc_t>(), compute_grad ? grad.mutable_data_ptr<student_t>() : nullptr,
@@ -330,31 +291,17 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in,
   return {row_loss, grad};
 }
 
-// Shapes and dtypes only (torch.compile tracing, opcheck).
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_meta(const at::Tensor& student, const at::Tensor& teacher,
-                                                    const std::optional<at::Tensor>& target, double temperature,
-                                                    double alpha, bool t2_scale, int64_t ignore_index,
-                                                    int64_t teacher_kind, bool compute_grad) {
-  check_args(student, teacher, target, temperature, alpha, teacher_kind);
-  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor row_loss = at::empty({student.size(0)}, student.options().dtype(acc_dtype));
-  at::Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
-  return {row_loss, grad};
-}
-
 }  // namespace
 }  // namespace ued_fast
 
 TORCH_LIBRARY_FRAGMENT(ued_fast, m) {
   m.def(
-      "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
-      "bool t2_scale, int ignore_index, int teacher_kind, bool compute_grad) -> (Tensor, Tensor)");
+      "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? target, float inv_student_temp, float inv_teacher_temp, "
+      "float kd_coef, float ce_coef, int divergence, float beta, int ignore_index, int teacher_kind, "
+      "bool compute_grad) -> (Tensor, Tensor)");
+  m.impl("kd_loss_fwd", torch::dispatch(c10::DispatchKey::Meta, TORCH_FN(ued_fast::kd_loss_fwd_cpu)));
 }
 
 TORCH_LIBRARY_IMPL(ued_fast, CPU, m) {
   m.impl("kd_loss_fwd", &ued_fast::kd_loss_fwd_cpu);
-}
-
-TORCH_LIBRARY_IMPL(ued_fast, Meta, m) {
-  m.impl("kd_loss_fwd", &ued_fast::kd_loss_fwd_meta);
 }

@@ -1,25 +1,29 @@
-// CUDA backend of ued_fast::kd_loss_fwd (contract: ued_fast/ops/kd_loss.py; schema: csrc/kd_loss.cpp).
+// CUDA backend of ued_fast::kd_loss_fwd (arguments and semantics: CONTRACT.md; schema: csrc/kd_loss.cpp).
 //
-// Per row i, with T the temperature, u the teacher in "log units" (logits and log_probs: u = t;
-// probs: u = log2 t, so that a zero probability is u = -inf), p = softmax of the tempered teacher,
-// q = softmax(s/T), r = softmax(s):
-//   row_loss = c_kl * KL(p || q) + c_ce * CE(s, y)
-//   grad     = (c_kl/T) * (q - p) + c_ce * (r - onehot(y))
-// with c_kl = alpha*s2, c_ce = 1-alpha (target None: c_kl = s2, c_ce = 0), s2 = T^2 or 1.
+// Per row i, with u the teacher in "log units" (logits and log_probs: u = t; probs: u = log2 t, so
+// that a zero probability is u = -inf), p = softmax of the tempered teacher,
+// q = softmax(s * inv_student_temp), r = softmax(s):
+//   row_loss = kd_coef * D(p, q) + ce_coef * CE(s, y)
+//   grad     = kd_coef * inv_student_temp * dD/dz + ce_coef * (r - onehot(y))
+// (the coefficients arrive computed on the host; ce_coef is 0 without a target).
 //
 // Everything is kept relative to the row maxima m_u (teacher) and m_s (student), in base 2:
 //   z_a = sum 2^{(u-m_u)kA},  z_b = sum 2^{(s-m_s)kB},  z_s = sum 2^{(s-m_s)log2e},
 //   w   = sum 2^{(u-m_u)kA} * ((u-m_u)kA - (s-m_s)kB)        (terms with p = 0 skipped: 0 log 0 = 0)
-//   KL  = ln2 * (w/z_a - log2 z_a + log2 z_b),   CE = (m_s - s_y) + ln2 * log2 z_s
-// kA = log2e/T for logits/log_probs and 1/T for probs (u already in log2), kB = log2e/T.
-// Differences to the maxima are taken before scaling, so 1e4-sized logits lose no precision.
+//   forward_kl = ln2 * (w/z_a - log2 z_a + log2 z_b),   CE = (m_s - s_y) + ln2 * log2 z_s
+// kA = log2e*inv_teacher_temp for logits/log_probs and inv_teacher_temp for probs (u already in log2),
+// kB = log2e*inv_student_temp. Differences to the maxima are taken before scaling, so 1e4-sized logits
+// lose no precision. reverse_kl and jsd: once the row's normalizers are known, one more pass forms
+// log p, log q per element (cuda::log_ratio_terms) and reduces D and S = sum q h; the gradient pass
+// writes kd_coef * inv_student_temp * q (h - S) (forward_kl: (q - p)).
 //
 // Two kernels:
 //  * warp per row (C <= kWarpMaxClasses): the row lives in registers; exact maxima first, then the
 //    exponentials once (kept in registers for the gradient): 3 exp2 per element.
 //  * block per row (larger C): one pass with an online (running-max) softmax, 16-byte loads when
 //    every row is aligned, block reduction, then a second pass that re-reads the row (expected to
-//    hit L2, see bench/NOTES.md) and writes the gradient: 6 exp2 per element.
+//    hit L2, see bench/NOTES.md) and writes the gradient: 6 exp2 per element. reverse_kl and jsd
+//    read the row once more (and never split it over a cluster).
 // No host synchronization, no allocation besides the outputs: safe inside CUDA graphs.
 // UED_FAST_KD_MATH_ONLY: keep only the row math (host+device), for a host-side check of the formulas.
 #ifndef UED_FAST_KD_MATH_ONLY
@@ -32,11 +36,14 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #ifndef UED_FAST_KD_MATH_ONLY
 #include <cooperative_groups.h>
+
+#include "cuda_reduce.cuh"
+#include "utils.h"
 #endif
+#include "codes.h"
+#include "cuda_utils.cuh"
 
 #include <cmath>
 #include <cstdint>
@@ -60,19 +67,10 @@ constexpr int kBlockUnroll = 2;           // block kernel: vectors loaded per th
 constexpr int kMaxRowSplit = 8;
 constexpr double kL2ResidentFraction = 0.5;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr int kTeacherProbs = 2;  // teacher_kind codes: 0 logits, 1 log_probs, 2 probs
-
-// ---- element conversion ----
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+using cuda::from_float;
+using cuda::kLn2;
+using cuda::kLog2e;
+using cuda::to_float;
 
 // Raw storage of N elements of T loaded in one instruction (N * sizeof(T) in {2, 4, 8, 16} bytes).
 template <int BYTES> struct RawVec;
@@ -124,11 +122,13 @@ struct KdParams {
   void* grad;             // [N, C] contiguous, nullptr when not computed
   int64_t n_rows, n_cols, student_stride, teacher_stride, target_stride, ignore_index;
   int teacher_kind;
-  int row_split;  // block kernel: CTAs per row (a thread-block cluster when > 1)
+  int divergence;  // kForwardKl, kReverseKl, kJsd
+  int row_split;   // block kernel: CTAs per row (a thread-block cluster when > 1)
   float k_teacher;  // kA
-  float k_student;  // kB = log2e / T
-  float c_kl, c_ce;  // loss weights of KL and CE
-  float g_kl;        // gradient weight of (q - p): c_kl / T
+  float k_student;  // kB = log2e * inv_student_temp
+  float kd_coef, ce_coef;  // loss weights of D and CE
+  float g_kd;              // gradient weight of dD/dz: kd_coef * inv_student_temp
+  float beta;              // jsd
 };
 
 // Row status from its target: 0 normal, 1 ignored (loss 0, grad 0), 2 out of range (NaN).
@@ -197,25 +197,73 @@ struct RowNorm {
   float m_u, m_s, lz_a, lz_b, lz_s;
 };
 
-// Row loss from the full-row statistics.
+// Row loss from the full-row statistics: CE, and forward_kl's divergence (the others add kd_coef * D
+// from their own pass).
 __host__ __device__ __forceinline__ float finish_row(const KdParams& p, const RowStats& st, float s_y, RowNorm& nrm) {
   nrm = {st.m_u, st.m_s, log2f(st.z_a), log2f(st.z_b), p.target ? log2f(st.z_s) : 0.f};
-  const float kl = kLn2 * (st.w / st.z_a - nrm.lz_a + nrm.lz_b);
-  float loss = p.c_kl * kl;
-  if (p.target) loss += p.c_ce * ((st.m_s - s_y) + kLn2 * nrm.lz_s);
+  float loss = 0.f;
+  if (p.divergence == kForwardKl) loss = p.kd_coef * kLn2 * (st.w / st.z_a - nrm.lz_a + nrm.lz_b);
+  if (p.target) loss += p.ce_coef * ((st.m_s - s_y) + kLn2 * nrm.lz_s);
   return loss;
 }
 
-__host__ __device__ __forceinline__ float grad_element(const KdParams& p, const RowNorm& n, float u, float s, bool is_target) {
-  const float pt = u == -INFINITY ? 0.f : exp2f((u - n.m_u) * p.k_teacher - n.lz_a);
+// reverse_kl, jsd: the element's share of D; q and h (cuda::log_ratio_terms) for the gradient.
+__host__ __device__ __forceinline__ float log_ratio_element(const KdParams& p, const RowNorm& n, float u, float s,
+                                                           float& q, float& h) {
+  const float l2p = u == -INFINITY ? -INFINITY : (u - n.m_u) * p.k_teacher - n.lz_a;
+  const float l2q = (s - n.m_s) * p.k_student - n.lz_b;
+  q = exp2f(l2q);
+  return cuda::log_ratio_terms(p.divergence == kJsd, p.beta, exp2f(l2p), kLn2 * l2p, q, kLn2 * l2q, h);
+}
+
+using cuda::DivSums;
+
+__host__ __device__ __forceinline__ void accumulate_div(const KdParams& p, const RowNorm& n, float u, float s,
+                                                        DivSums& acc) {
+  float q, h;
+  acc.d += log_ratio_element(p, n, u, s, q, h);
+  acc.s += q * h;  // h = 0 where q = 0
+}
+
+// Gradient of one element; S: the row's sum q h (reverse_kl, jsd; unused for forward_kl).
+__host__ __device__ __forceinline__ float grad_element(const KdParams& p, const RowNorm& n, float u, float s,
+                                                       bool is_target, float S) {
   const float ds = s - n.m_s;
-  const float q = exp2f(ds * p.k_student - n.lz_b);
-  float g = p.g_kl * (q - pt);
-  if (p.target) g += p.c_ce * (exp2f(ds * kLog2e - n.lz_s) - (is_target ? 1.f : 0.f));
+  float g;
+  if (p.divergence == kForwardKl) {
+    const float pt = u == -INFINITY ? 0.f : exp2f((u - n.m_u) * p.k_teacher - n.lz_a);
+    g = p.g_kd * (exp2f(ds * p.k_student - n.lz_b) - pt);
+  } else {
+    float q, h;
+    log_ratio_element(p, n, u, s, q, h);
+    g = q == 0.f ? 0.f : p.g_kd * q * (h - S);
+  }
+  if (p.target) g += p.ce_coef * (exp2f(ds * kLog2e - n.lz_s) - (is_target ? 1.f : 0.f));
   return g;
 }
 
+// Merge of running statistics, for the reductions of cuda_reduce.cuh.
+struct MergeStats {
+  float k_a, k_b;
+  bool with_ce;
+  __host__ __device__ __forceinline__ RowStats operator()(const RowStats& a, const RowStats& b) const {
+    return merge(a, b, k_a, k_b, with_ce);
+  }
+};
+
 #ifndef UED_FAST_KD_MATH_ONLY
+// Maxima of a thread's teacher and student values (register arrays).
+template <int N>
+__device__ __forceinline__ void array_max(const float (&u)[N], const float (&s)[N], float& m_u, float& m_s) {
+  m_u = -INFINITY;
+  m_s = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    m_u = fmaxf(m_u, u[k]);
+    m_s = fmaxf(m_s, s[k]);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ float load_one(const void* base, int64_t offset) {
   return to_float(__ldg(reinterpret_cast<const T*>(base) + offset));
@@ -255,17 +303,10 @@ kd_loss_warp_kernel(const KdParams p) {
       u[k] = -INFINITY;
     }
   }
-  float m_u = -INFINITY, m_s = -INFINITY;
-#pragma unroll
-  for (int k = 0; k < ELEMS; ++k) {
-    m_u = fmaxf(m_u, u[k]);
-    m_s = fmaxf(m_s, s[k]);
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    m_u = fmaxf(m_u, __shfl_xor_sync(0xffffffffu, m_u, off));
-    m_s = fmaxf(m_s, __shfl_xor_sync(0xffffffffu, m_s, off));
-  }
+  float m_u, m_s;
+  array_max(u, s, m_u, m_s);
+  m_u = cuda::warp_allreduce(m_u, cuda::MaxOp{});
+  m_s = cuda::warp_allreduce(m_s, cuda::MaxOp{});
 
   // Exponentials once; keep them (p, q, r numerators) for the gradient.
   float ea[ELEMS];  // 2^{(u-m_u)kA}: p numerators
@@ -285,63 +326,43 @@ kd_loss_warp_kernel(const KdParams p) {
     st.z_s += es[k];
     s[k] = eb;
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    st.z_a += __shfl_xor_sync(0xffffffffu, st.z_a, off);
-    st.w += __shfl_xor_sync(0xffffffffu, st.w, off);
-    st.z_b += __shfl_xor_sync(0xffffffffu, st.z_b, off);
-    st.z_s += __shfl_xor_sync(0xffffffffu, st.z_s, off);
-  }
+  st.z_a = cuda::warp_allreduce(st.z_a, cuda::SumOp{});
+  st.w = cuda::warp_allreduce(st.w, cuda::SumOp{});
+  st.z_b = cuda::warp_allreduce(st.z_b, cuda::SumOp{});
+  st.z_s = cuda::warp_allreduce(st.z_s, cuda::SumOp{});
   const float s_y = with_ce ? load_one<S>(p.student, s_off + tg.y) : 0.f;
   RowNorm nrm;
-  const float loss = finish_row(p, st, s_y, nrm);
+  float loss = finish_row(p, st, s_y, nrm);
+  const bool forward_kl = p.divergence == kForwardKl;
+  DivSums div{0.f, 0.f};
+  // f(k, j) for this lane's classes j (k: the register slot).
+  auto for_each_class = [&](auto&& f) {
+#pragma unroll
+    for (int k = 0; k < ELEMS; ++k)
+      if (int64_t(k) * 32 + lane < C) f(k, int64_t(k) * 32 + lane);
+  };
+  if (!forward_kl) {  // s[] now holds q's numerators: the student row is read again (L1/L2)
+    for_each_class([&](int k, int64_t j) { accumulate_div(p, nrm, u[k], load_one<S>(p.student, s_off + j), div); });
+    div = cuda::warp_allreduce(div, cuda::SumOp{});
+    loss += p.kd_coef * div.d;
+  }
   if (lane == 0) p.row_loss[row] = loss;
   if (grad_row == nullptr) return;
 
   const float inv_za = 1.f / st.z_a, inv_zb = 1.f / st.z_b, inv_zs = with_ce ? 1.f / st.z_s : 0.f;
-#pragma unroll
-  for (int k = 0; k < ELEMS; ++k) {
-    const int64_t j = int64_t(k) * 32 + lane;
-    if (j < C) {
-      float g = p.g_kl * (s[k] * inv_zb - ea[k] * inv_za);
-      if (with_ce) g += p.c_ce * (es[k] * inv_zs - (j == tg.y ? 1.f : 0.f));
-      grad_row[j] = from_float<S>(g);
+  for_each_class([&](int k, int64_t j) {
+    float g;
+    if (forward_kl) {
+      g = p.g_kd * (s[k] * inv_zb - ea[k] * inv_za);
+      if (with_ce) g += p.ce_coef * (es[k] * inv_zs - (j == tg.y ? 1.f : 0.f));
+    } else {
+      g = grad_element(p, nrm, u[k], load_one<S>(p.student, s_off + j), j == tg.y, div.s);
     }
-  }
+    grad_row[j] = from_float<S>(g);
+  });
 }
 
 // ---- block per row: online softmax over VEC-wide chunks, then a gradient pass ----
-// Butterfly all-reduce of a warp's row statistics: every lane ends with the merged stats.
-__device__ __forceinline__ RowStats warp_allreduce(RowStats st, float k_a, float k_b, bool with_ce) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    RowStats o;
-    o.m_u = __shfl_xor_sync(0xffffffffu, st.m_u, off);
-    o.z_a = __shfl_xor_sync(0xffffffffu, st.z_a, off);
-    o.w = __shfl_xor_sync(0xffffffffu, st.w, off);
-    o.m_s = __shfl_xor_sync(0xffffffffu, st.m_s, off);
-    o.z_b = __shfl_xor_sync(0xffffffffu, st.z_b, off);
-    o.z_s = __shfl_xor_sync(0xffffffffu, st.z_s, off);
-    st = merge(st, o, k_a, k_b, with_ce);
-  }
-  return st;
-}
-
-template <int NT>
-__device__ __forceinline__ void block_reduce(RowStats st, float k_a, float k_b, bool with_ce, RowStats& total) {
-  constexpr int kWarps = NT / 32;
-  __shared__ RowStats partial[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  st = warp_allreduce(st, k_a, k_b, with_ce);
-  if (lane == 0) partial[warp] = st;
-  __syncthreads();
-  if (warp == 0) {
-    st = lane < kWarps ? partial[lane] : empty_stats();
-    st = warp_allreduce(st, k_a, k_b, with_ce);
-    if (lane == 0) total = st;
-  }
-  __syncthreads();
-}
 
 // VEC: classes per load (16 bytes of the wider input dtype), or 1 for the unaligned fallback.
 template <typename S, typename Tt, int VEC>
@@ -396,35 +417,46 @@ kd_loss_block_kernel(const KdParams p) {
         u[r * VEC + k] = tv[k];
       }
     }
-    float cm_u = -INFINITY, cm_s = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < kChunk; ++k) {
-      cm_u = fmaxf(cm_u, u[k]);
-      cm_s = fmaxf(cm_s, s[k]);
-    }
+    float cm_u, cm_s;
+    array_max(u, s, cm_u, cm_s);
     if (cm_u > st.m_u || cm_s > st.m_s)  // rare after the first chunks: rescale only then
       rebase(st, fmaxf(st.m_u, cm_u), fmaxf(st.m_s, cm_s), k_a, k_b, with_ce);
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) accumulate(st, u[k], s[k], k_a, k_b, with_ce);
   }
 
+  __shared__ RowStats partial[kBlockThreads / 32];
+  __shared__ DivSums div_partial[kBlockThreads / 32];
   __shared__ RowStats cta_stats;
-  block_reduce<kBlockThreads>(st, k_a, k_b, with_ce, cta_stats);
-  RowStats row_st = cta_stats;
+  const MergeStats merge_stats{k_a, k_b, with_ce};
+  RowStats row_st = cuda::group_allreduce<kBlockThreads>(st, merge_stats, empty_stats(), partial);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (split > 1) {  // merge the cluster's CTAs, in rank order so that every CTA gets the same bits
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x == 0) cta_stats = row_st;
     cluster.sync();  // every CTA's cta_stats is written
     row_st = empty_stats();
-    for (int r = 0; r < split; ++r) row_st = merge(row_st, *cluster.map_shared_rank(&cta_stats, r), k_a, k_b, with_ce);
+    for (int r = 0; r < split; ++r) row_st = merge_stats(row_st, *cluster.map_shared_rank(&cta_stats, r));
     cluster.sync();  // no CTA leaves (releasing its shared memory) while another still reads it
   }
 #endif
   const bool writes_loss = threadIdx.x == 0 && part == 0;
   const float s_y = with_ce && writes_loss ? load_one<S>(s_row, tg.y) : 0.f;
   RowNorm nrm;
-  const float loss = finish_row(p, row_st, s_y, nrm);
+  float loss = finish_row(p, row_st, s_y, nrm);
+  DivSums div{0.f, 0.f};
+  if (p.divergence != kForwardKl) {  // one more read of the row: D and S (split is 1 here)
+    for (int64_t i = v_begin + threadIdx.x; i < v_end; i += kBlockThreads) {
+      float sv[VEC], tv[VEC];
+      load_vec<S, VEC>(s_row + i * VEC, sv);
+      load_vec<Tt, VEC>(t_row + i * VEC, tv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) accumulate_div(p, nrm, teacher_log_units(tv[k], p.teacher_kind), sv[k], div);
+    }
+    div = cuda::group_allreduce<kBlockThreads>(div, cuda::SumOp{}, DivSums{0.f, 0.f}, div_partial);
+    loss += p.kd_coef * div.d;
+  }
   if (writes_loss) p.row_loss[row] = loss;
   if (grad_row == nullptr) return;
 
@@ -446,7 +478,7 @@ kd_loss_block_kernel(const KdParams p) {
         float g[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k)
-          g[k] = grad_element(p, nrm, teacher_log_units(t[r][k], p.teacher_kind), s[r][k], i * VEC + k == tg.y);
+          g[k] = grad_element(p, nrm, teacher_log_units(t[r][k], p.teacher_kind), s[r][k], i * VEC + k == tg.y, div.s);
         store_vec<S, VEC>(grad_row + i * VEC, g);
       }
     }
@@ -454,18 +486,6 @@ kd_loss_block_kernel(const KdParams p) {
 }
 
 // ---- host side ----
-template <typename T> struct TypeTag { using type = T; };
-
-template <typename F>
-void dispatch_float(c10::ScalarType st, const char* name, F&& f) {
-  switch (st) {
-    case c10::ScalarType::Float: f(TypeTag<float>{}); break;
-    case c10::ScalarType::BFloat16: f(TypeTag<__nv_bfloat16>{}); break;
-    case c10::ScalarType::Half: f(TypeTag<__half>{}); break;
-    default: TORCH_CHECK_TYPE(false, "kd_loss_fwd (cuda): ", name, " must be float32, bfloat16 or float16, got ", st);
-  }
-}
-
 bool aligned(const void* ptr, int64_t row_stride_elems, int64_t elem_bytes, int64_t vec_bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % vec_bytes == 0 && (row_stride_elems * elem_bytes) % vec_bytes == 0;
 }
@@ -552,7 +572,10 @@ void launch(KdParams p, int device, cudaStream_t stream) {
         aligned(p.teacher, p.teacher_stride, sizeof(Tt), kVec * sizeof(Tt)) &&
         (p.grad == nullptr || aligned(p.grad, C, sizeof(S), kVec * sizeof(S)));
     const int vec = vectorized ? kVec : 1;
-    const int split = row_split(device_info(device), N, C / vec, C * int64_t(sizeof(S) + sizeof(Tt)));
+    // reverse_kl and jsd reduce D and S over the row once more: one CTA per row.
+    const int split = p.divergence != kForwardKl
+                          ? 1
+                          : row_split(device_info(device), N, C / vec, C * int64_t(sizeof(S) + sizeof(Tt)));
     if (vectorized) launch_block_kernel<S, Tt, kVec>(p, split, stream);
     else launch_block_kernel<S, Tt, 1>(p, split, stream);
   }
@@ -561,41 +584,23 @@ void launch(KdParams p, int device, cudaStream_t stream) {
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-    double temperature, double alpha, bool t2_scale, int64_t ignore_index, int64_t teacher_kind,
-    bool compute_grad) {
-  TORCH_CHECK(student.is_cuda() && teacher.is_cuda(), "kd_loss_fwd (cuda): student and teacher must be CUDA tensors");
-  TORCH_CHECK(student.device() == teacher.device(), "kd_loss_fwd (cuda): teacher is on ", teacher.device(),
-              " but student is on ", student.device());
-  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
-              "kd_loss_fwd (cuda): student and teacher must both be [N, C], got ", student.sizes(), " and ",
-              teacher.sizes());
+    double inv_student_temp, double inv_teacher_temp, double kd_coef, double ce_coef, int64_t divergence, double beta,
+    int64_t ignore_index, int64_t teacher_kind, bool compute_grad) {
+  constexpr const char* kOp = "kd_loss_fwd (cuda)";
+  check_kd_pair(kOp, student, teacher, teacher_kind);
+  check_kd_coefficients(kOp, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence, beta);
+  check_target(kOp, target, student);
+  TORCH_CHECK_VALUE(student.is_cuda(), kOp, ": student and teacher must be CUDA tensors");
   const int64_t N = student.size(0), C = student.size(1);
-  TORCH_CHECK(C > 0, "kd_loss_fwd (cuda): student has no classes");
-  TORCH_CHECK(C <= INT32_MAX && N <= INT32_MAX, "kd_loss_fwd (cuda): shape too large: ", student.sizes());
-  TORCH_CHECK(student.stride(1) == 1 || C == 1, "kd_loss_fwd (cuda): student needs unit stride along classes");
-  TORCH_CHECK(teacher.stride(1) == 1 || C == 1, "kd_loss_fwd (cuda): teacher needs unit stride along classes");
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "kd_loss_fwd (cuda): temperature must be > 0, got ",
-              temperature);
-  TORCH_CHECK(alpha >= 0 && alpha <= 1, "kd_loss_fwd (cuda): alpha must be in [0, 1], got ", alpha);
-  TORCH_CHECK(teacher_kind >= 0 && teacher_kind <= 2, "kd_loss_fwd (cuda): teacher_kind must be 0, 1 or 2, got ",
-              teacher_kind);
+  TORCH_CHECK_VALUE(C <= INT32_MAX && N <= INT32_MAX, kOp, ": shape too large: ", student.sizes());
+  TORCH_CHECK_VALUE(student.stride(1) == 1 || C == 1, kOp, ": student needs unit stride along classes");
+  TORCH_CHECK_VALUE(teacher.stride(1) == 1 || C == 1, kOp, ": teacher needs unit stride along classes");
   const bool has_target = target.has_value() && target->defined();
-  if (has_target) {
-    TORCH_CHECK(target->device() == student.device(), "kd_loss_fwd (cuda): target is on ", target->device(),
-                " but student is on ", student.device());
-    TORCH_CHECK_TYPE(target->scalar_type() == at::kLong, "kd_loss_fwd (cuda): target must be int64, got ",
-                     target->scalar_type());
-    TORCH_CHECK(target->dim() == 1 && target->size(0) == N, "kd_loss_fwd (cuda): target must be [N] = [", N,
-                "], got ", target->sizes());
-  }
 
   const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor row_loss = at::empty({N}, student.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty({N, C}, student.options()) : at::empty({0}, student.options());
+  auto [row_loss, grad] = kd_outputs(student, compute_grad, at::kFloat);
   if (N == 0) return {row_loss, grad};
 
-  const float T = static_cast<float>(temperature);
-  const float s2 = t2_scale ? T * T : 1.f;
   KdParams p{};
   p.student = student.data_ptr();
   p.teacher = teacher.data_ptr();
@@ -609,17 +614,21 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
   p.target_stride = has_target ? target->stride(0) : 0;
   p.ignore_index = ignore_index;
   p.teacher_kind = static_cast<int>(teacher_kind);
+  p.divergence = static_cast<int>(divergence);
   p.row_split = 1;
-  p.k_student = kLog2e / T;
-  p.k_teacher = teacher_kind == kTeacherProbs ? 1.f / T : kLog2e / T;
-  p.c_kl = has_target ? static_cast<float>(alpha) * s2 : s2;
-  p.c_ce = has_target ? static_cast<float>(1.0 - alpha) : 0.f;
-  p.g_kl = p.c_kl / T;
+  // Base-2 scales of the host's coefficients (u is already in log2 units for probs).
+  p.k_student = static_cast<float>(kLog2e * inv_student_temp);
+  p.k_teacher = static_cast<float>(teacher_kind == kTeacherProbs ? inv_teacher_temp : kLog2e * inv_teacher_temp);
+  p.kd_coef = static_cast<float>(kd_coef);
+  p.ce_coef = has_target ? static_cast<float>(ce_coef) : 0.f;
+  p.g_kd = static_cast<float>(kd_coef * inv_student_temp);
+  p.beta = static_cast<float>(beta);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.device().index()).stream();
-  dispatch_float(student.scalar_type(), "student", [&](auto s_tag) {
-    dispatch_float(teacher.scalar_type(), "teacher", [&](auto t_tag) {
-      launch<typename decltype(s_tag)::type, typename decltype(t_tag)::type>(p, student.device().index(), stream);
+  dispatch_float<false>(student.scalar_type(), kOp, "student", [&](auto s_tag) {
+    dispatch_float<false>(teacher.scalar_type(), kOp, "teacher", [&](auto t_tag) {
+      launch<typename cuda::device_type<typename decltype(s_tag)::type>::type,
+             typename cuda::device_type<typename decltype(t_tag)::type>::type>(p, student.device().index(), stream);
     });
   });
   return {row_loss, grad};

@@ -118,3 +118,49 @@ def test_force_cuda_without_nvcc_or_cuda_torch_is_an_error_not_a_cpu_build():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     expected = "nvcc was not found" if torch.version.cuda else "has no CUDA"
     assert proc.returncode == 1 and f"FORCE_CUDA=1 but" in proc.stderr and expected in proc.stderr, proc.stderr
+
+
+# The shared helper layer of the kernels (csrc/utils.h, codes.h, cpu_vec.h, cuda_utils.cuh, cuda_reduce.cuh):
+# each helper is defined once, in its header, and every kernel source includes the layer.
+HELPER_HEADERS = {"utils.h", "codes.h", "cpu_vec.h", "cuda_utils.cuh", "cuda_reduce.cuh"}
+SHARED_HELPERS = ["vexp", "fast_exp", "fast_log", "lane_exp", "hsum", "hmax", "row_max", "load_row", "reduce_sum",
+                  "reduce_max", "warp_sum", "warp_max", "warp_allreduce", "group_allreduce", "group_sum",
+                  "dispatch_float", "to_float", "from_float", "check_cpu_supports_build", "divergence_terms",
+                  "log_ratio_terms"]
+
+
+def helper_definitions(text: str, name: str) -> int:
+    """How many times `name` is defined: a line with a return type (and qualifiers) before the name, then
+    '(' ... ') {' (a call has no type before the name)."""
+    pattern = rf"^[ \t]*(?!return\b)(?:[\w:<>,*&]+[ \t]+)+{name}(?:<[^>\n]*>)?\s*\([^;{{]*\)\s*(?:const\s*)?\{{"
+    return len(re.findall(pattern, text, flags=re.M))
+
+
+def test_each_kernel_helper_is_defined_once_in_the_shared_headers():
+    sources = {p.name: p.read_text() for p in sorted((REPO / "csrc").iterdir()) if p.suffix in (".h", ".cuh", ".cpp", ".cu")}
+    assert HELPER_HEADERS <= set(sources)
+    for name in SHARED_HELPERS:
+        where = {f: n for f, text in sources.items() if (n := helper_definitions(text, name))}
+        assert set(where) <= HELPER_HEADERS, f"{name} is defined in a kernel source: {where}"
+        overloads = {"to_float": 3, "from_float": 4, "lane_exp": 2}.get(name, 1)
+        assert sum(where.values()) <= overloads, f"{name} is defined more than once: {where}"
+
+
+def test_every_kernel_source_includes_the_shared_helpers():
+    for src in sorted((REPO / "csrc").iterdir()):
+        if src.suffix not in (".cpp", ".cu") or src.name == "module.cpp":
+            continue
+        includes = set(re.findall(r'#include "([\w.]+)"', src.read_text()))
+        assert includes & HELPER_HEADERS, f"{src.name} includes none of the shared helper headers"
+
+
+@pytest.mark.skipif(not _backend.extension_loaded(), reason="ued_fast._C is not built")
+def test_kd_op_schemas_take_the_contract_arguments():
+    common = ["inv_student_temp", "inv_teacher_temp", "kd_coef", "ce_coef", "divergence", "beta", "ignore_index"]
+    expected = {
+        "kd_loss_fwd": ["student", "teacher", "target", *common, "teacher_kind", "compute_grad"],
+        "ensemble_kd_loss_fwd": ["student", "teachers", "weights", "target", *common, "mix", "compute_grad"],
+    }
+    for op, names in expected.items():
+        schema = getattr(torch.ops.ued_fast, op).default._schema
+        assert [a.name for a in schema.arguments] == names, str(schema)
