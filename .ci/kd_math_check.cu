@@ -20,7 +20,7 @@ static void reference(const std::vector<float>& s, const std::vector<float>& t, 
   auto lse = [](const std::vector<double>& v) { double m = -INFINITY; for (double x : v) m = std::max(m, x);
     double z = 0; for (double x : v) z += std::exp(x - m); return m + std::log(z); };
   double la = lse(a), lb = lse(b); std::vector<double> sd(s.begin(), s.end()); double ls = lse(sd);
-  // D and dD/dz per CONTRACT.md, with 0 log 0 = 0; h: reverse_kl / jsd gradient factors, S = sum q h.
+  // D and dD/dz per the kernel contract (docs/DESIGN.md 2), with 0 log 0 = 0; h: reverse_kl / jsd gradient factors, S = sum q h.
   double kl = 0, S = 0, beta = c.beta; std::vector<double> h(C, 0);
   for (int j = 0; j < C; ++j) {
     double lp = a[j] - la, lq = b[j] - lb, p = std::exp(lp), q = std::exp(lq);
@@ -42,7 +42,7 @@ static void reference(const std::vector<float>& s, const std::vector<float>& t, 
 }
 
 static KdParams params(const Case& c) {
-  // The host's coefficients (CONTRACT.md) and their base-2 scales, as kd_loss_fwd_cuda sets them.
+  // The host's coefficients (docs/DESIGN.md 2, the kernel contract) and their base-2 scales, as kd_loss_fwd_cuda sets them.
   KdParams p{}; float T = c.T, s2 = T * T;
   p.n_cols = c.C; p.teacher_kind = c.kind; p.k_student = kLog2e / T; p.k_teacher = c.kind == 2 ? 1.f / T : kLog2e / T;
   p.target = c.tgt ? reinterpret_cast<const int64_t*>(1) : nullptr;  // only tested for null-ness by the math

@@ -1,4 +1,4 @@
-// The integer codes of the ops' arguments (CONTRACT.md), shared by the C++, CUDA and host-check code.
+// The integer codes of the ops' arguments (docs/DESIGN.md 2, the kernel contract), shared by the C++, CUDA and host-check code.
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
 // CUDA kernel of ensemble_kd_loss_fwd (schema and CPU kernel: csrc/ensemble_kd_loss.cpp; arguments and
-// semantics: CONTRACT.md). Not yet run on a GPU; compile check without one:
+// semantics: docs/DESIGN.md 2 (the kernel contract)). Not yet run on a GPU; compile check without one:
 // .ci/check_cuda.sh csrc/ensemble_kd_loss_cuda.cu
 //
 // One group of threads per row: a warp (4 rows per block) when C <= 1024, a whole block otherwise.

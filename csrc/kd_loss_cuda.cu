@@ -1,4 +1,4 @@
-// CUDA backend of ued_fast::kd_loss_fwd (arguments and semantics: CONTRACT.md; schema: csrc/kd_loss.cpp).
+// CUDA backend of ued_fast::kd_loss_fwd (arguments and semantics: docs/DESIGN.md 2 (the kernel contract); schema: csrc/kd_loss.cpp).
 //
 // Per row i, with u the teacher in "log units" (logits and log_probs: u = t; probs: u = log2 t, so
 // that a zero probability is u = -inf), p = softmax of the tempered teacher,

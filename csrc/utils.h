@@ -42,13 +42,13 @@ void dispatch_float(at::ScalarType t, const char* op, const char* name, F&& f) {
 // Accumulation dtype of a kernel: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The host-computed KD coefficients (CONTRACT.md), checked once per call.
+// The host-computed KD coefficients (docs/DESIGN.md 2, the kernel contract), checked once per call.
 inline void check_kd_coefficients(const char* op, double inv_student_temp, double inv_teacher_temp, double kd_coef,
                                   double ce_coef, int64_t divergence, double beta) {
   TORCH_CHECK_VALUE(std::isfinite(inv_student_temp) && inv_student_temp > 0, op,
-                    ": inv_student_temp must be finite and > 0, got ", inv_student_temp);
+                    ": inv_student_temp (1 / temperature) must be finite and > 0, got ", inv_student_temp);
   TORCH_CHECK_VALUE(std::isfinite(inv_teacher_temp) && inv_teacher_temp > 0, op,
-                    ": inv_teacher_temp must be finite and > 0, got ", inv_teacher_temp);
+                    ": inv_teacher_temp (1 / teacher_temperature) must be finite and > 0, got ", inv_teacher_temp);
   TORCH_CHECK_VALUE(std::isfinite(kd_coef) && kd_coef >= 0, op, ": kd_coef must be finite and >= 0, got ", kd_coef);
   TORCH_CHECK_VALUE(std::isfinite(ce_coef) && ce_coef >= 0, op, ": ce_coef must be finite and >= 0, got ", ce_coef);
   TORCH_CHECK_VALUE(divergence >= kForwardKl && divergence <= kJsd, op,

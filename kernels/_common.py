@@ -4,7 +4,7 @@ Device side (@triton.jit): online softmax statistics, the tempered teacher load,
 (forward_kl, reverse_kl, jsd) and their gradients, the gradient store. Host side: the launch device,
 the outputs of the KD ops and the checks of the contract's divergence arguments.
 
-The divergences (contract in CONTRACT.md; q the student's tempered distribution, p the teacher's):
+The divergences (the kernel contract in docs/DESIGN.md 2; q the student's tempered distribution, p the teacher's):
 every one is written as a per-element term d (D = sum d) and a per-element h with which
     forward_kl: dD/dz = q - p
     reverse_kl: dD/dz = h - q * sum(h),  h = q (log q - log p)        (sum(h) = D)

@@ -106,9 +106,12 @@ def test_experiment_refuses_a_backend_that_fails_the_self_check(monkeypatch):
 
     bad = {("kd_loss", "cpp"): selftest.CheckResult(False, 0.5, "kd_loss 1-row case off by 0.5"),
            ("grouped_heads", "cpp"): selftest.CheckResult(True, 1e-7)}
-    monkeypatch.setattr(selftest, "check_backends", lambda device: bad)
+    asked = []
+    monkeypatch.setattr(selftest, "check_backends", lambda device, **kw: asked.append(kw) or bad)
     with pytest.raises(experiment.ConfigError, match=r"'cpp' kernels failed the self-check.*kd_loss 1-row case"):
         experiment.refuse_failing_backends(torch.device("cpu"), "cpp")
+    assert asked == [{"backends": ("cpp",)}]  # only the backend the run will use is checked
     experiment.refuse_failing_backends(torch.device("cpu"), "reference")  # the reference is the spec: no check
-    monkeypatch.setattr(selftest, "check_backends", lambda device: {k: selftest.CheckResult(True, 0.0) for k in bad})
+    monkeypatch.setattr(selftest, "check_backends",
+                        lambda device, **kw: {k: selftest.CheckResult(True, 0.0) for k in bad})
     experiment.refuse_failing_backends(torch.device("cpu"), None)

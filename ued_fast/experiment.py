@@ -351,7 +351,7 @@ def refuse_failing_backends(device: torch.device, forced_backend: str | None) ->
     backend = forced_backend or available_backends(device)[0]
     if backend == "reference":
         return
-    failing = {key: result for key, result in selftest.check_backends(device).items()
+    failing = {key: result for key, result in selftest.check_backends(device, backends=(backend,)).items()
                if key[1] == backend and not result}
     if failing:
         detail = "; ".join(f"{op}: {result.reason or 'mismatch'}" for (op, _), result in sorted(failing.items()))

@@ -173,13 +173,14 @@ def native_backends(device) -> list[str]:
     return [b for b in ued_fast.available_backends(device) if b != "reference"]
 
 
-def check_backends(device=None, ops=OPS) -> dict[tuple[str, str], CheckResult]:
-    """{(op, backend): CheckResult} for every op in `ops` and every native backend of `device`
-    (default: cuda if available, else cpu). Never raises for a backend's failure: it is reported."""
+def check_backends(device=None, ops=OPS, backends=None) -> dict[tuple[str, str], CheckResult]:
+    """{(op, backend): CheckResult} for every op in `ops` and every backend in `backends` (default: every
+    native backend of `device`; device default: cuda if available, else cpu). Never raises for a
+    backend's failure: it is reported."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     results = {}
     for op in ops:
-        for backend in native_backends(device):
+        for backend in backends or native_backends(device):
             worst, reason, by_dtype = 0.0, "", {}
             for case in CASES[op]:
                 try:

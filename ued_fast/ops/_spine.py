@@ -97,7 +97,7 @@ def native_op(backend: str, module: str, name: str) -> Callable:
 
 
 def native_forward(op: str, backend: str, *args):
-    """One KD forward kernel call with the contract's arguments (see CONTRACT: student, teacher(s),
+    """One KD forward kernel call with the contract's arguments (the kernel contract, docs/DESIGN.md 2: student, teacher(s),
     [weights], target, *KDCoefficients, ignore_index, teacher_kind or mix, compute_grad) -> (row_loss, grad).
     Triton's ensemble takes the teachers as one [K, N, C] tensor (a view when they are one's slices)."""
     if backend == "triton" and op == "ensemble_kd_loss":
