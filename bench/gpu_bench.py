@@ -282,7 +282,7 @@ def grad_of(loss_fn, x):
 
 
 # ----------------------------------------------------------------------------------------------
-# kd_loss
+# shared by the KD sections
 def liger_kd_loss_factory():
     from liger_kernel.transformers.kl_div import LigerKLDIVLoss
 
@@ -314,76 +314,35 @@ def kernel_only(backend, student, teacher, target):
     return run, scaled
 
 
-def bench_kd(res: Results, timer: Timer, device, dry_run: bool):
-    shapes = DRY_KD_SHAPES if dry_run else KD_SHAPES
-    compiled_ref = compile_fn(kd_loss_reference)
-    try:
-        liger = liger_kd_loss_factory()
-        liger_missing = None
-    except Exception as exc:  # noqa: BLE001
-        liger, liger_missing = None, f"missing: liger_kernel not importable ({type(exc).__name__}: {exc})"
-    T, a = KD_KW["temperature"], KD_KW["alpha"]
-    for n, c in shapes:
-        for dtype_name in KD_DTYPES:
-            dtype = getattr(torch, dtype_name)
-            case = f"[{n},{c}] {dtype_name}"
-            esize = torch.finfo(dtype).bits // 8
-            floor = n * c * (esize + esize + esize)  # read s, read t, write grad
-            if res.out_of_time():
-                res.add(section="kd_loss", case=case, impl="*", status="skipped: time budget spent")
-                continue
-            try:
-                gen = torch.Generator(device=device).manual_seed(n * 7 + c)
-                student = (torch.randn(n, c, device=device, generator=gen) * 3).to(dtype).requires_grad_(True)
-                teacher = (torch.randn(n, c, device=device, generator=gen) * 3).to(dtype)
-                target = torch.randint(0, c, (n,), device=device, generator=gen)
-            except torch.cuda.OutOfMemoryError:
-                res.add(section="kd_loss", case=case, impl="*", status="out of memory (inputs)")
-                continue
-            # The check's reference: eager fp32 loss and gradient.
-            ref_loss, ref_grad = grad_of(lambda: kd_loss_reference(student, teacher, target, **KD_KW), student)()
-            ref_loss, ref_grad = ref_loss.detach(), ref_grad.float()
-
-            def checker(run):
-                def check():
-                    loss, g = run()
-                    return max(rel_err(loss.detach(), ref_loss), rel_err(g, ref_grad))
-                return check
-
-            impls = {}
-            for backend in ("cuda", "triton") if not dry_run else ("cuda", "triton", "cpp"):
-                why = backend_status(backend, device)
-                impls[f"ours-{backend}"] = (why, grad_of(
-                    lambda b=backend: ued_fast.kd_loss(student, teacher, target, backend=b, **KD_KW), student))
-                # The kernel alone (forward with the gradient, no op layer, no backward multiply): how
-                # close the kernel is to the floor, apart from what the autograd contract adds.
-                k_run, k_scaled = kernel_only(backend, student, teacher, target)
-                impls[f"kernel-{backend}"] = (why, k_run, k_scaled)
-            impls["eager"] = (None, grad_of(lambda: kd_loss_reference(student, teacher, target, **KD_KW), student))
-            impls["compiled"] = (None, grad_of(lambda: compiled_ref(student, teacher, target, **KD_KW), student))
-            impls["liger"] = (liger_missing, None if liger is None else grad_of(
-                lambda: liger(student, teacher, target, T, a), student))
-            for impl, (why, run, *check_with) in impls.items():
-                if why:
-                    res.add(section="kd_loss", case=case, impl=impl, status=why)
-                    continue
-                check = checker(check_with[0] if check_with else run)
-                measure(res, timer, device, section="kd_loss", case=case, impl=impl, fn=run, floor_bytes=floor,
-                        check=check, extra=dict(n=n, c=c, dtype=dtype_name))
-            del student, teacher, target, ref_loss, ref_grad, impls
-            empty_cache(device)
-            res.save()
-
-
-def bf16_inputs(device, n: int, c: int, seed: int):
+def kd_inputs(device, n: int, c: int, dtype, seed: int, k: int | None = None):
+    """(student [N, C] requiring grad, teacher [N, C] or teachers [K, N, C], target [N]), logits of scale 3."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    student = (torch.randn(n, c, device=device, generator=gen) * 3).to(torch.bfloat16).requires_grad_(True)
-    teacher = (torch.randn(n, c, device=device, generator=gen) * 3).to(torch.bfloat16)
+    student = (torch.randn(n, c, device=device, generator=gen) * 3).to(dtype).requires_grad_(True)
+    teacher = (torch.randn((n, c) if k is None else (k, n, c), device=device, generator=gen) * 3).to(dtype)
     return student, teacher, torch.randint(0, c, (n,), device=device, generator=gen)
 
 
+def start_case(res: Results, section: str, case: str, make_inputs):
+    """The case's inputs, or None (recorded as skipped) when the time budget is spent or they do not fit."""
+    if res.out_of_time():
+        res.add(section=section, case=case, impl="*", status="skipped: time budget spent")
+        return None
+    try:
+        return make_inputs()
+    except torch.cuda.OutOfMemoryError:
+        res.add(section=section, case=case, impl="*", status="out of memory (inputs)")
+        return None
+
+
+def ours(device, dry_run: bool, loss_of, student) -> dict:
+    """{'ours-<backend>': (why not, run)} for the GPU backends (and 'cpp' in a dry run on the CPU)."""
+    backends = ("cuda", "triton") if not dry_run else ("cuda", "triton", "cpp")
+    return {f"ours-{b}": (backend_status(b, device), grad_of(lambda b=b: loss_of(b), student)) for b in backends}
+
+
 def run_cases(res: Results, timer: Timer, device, section: str, case: str, impls: dict, ref_run, floor: int, extra):
-    """Measure every impl of one case against the eager reference's loss and gradient."""
+    """Measure every impl of one case against the eager reference's loss and gradient. An impl is
+    (why it cannot run or None, run) or (why, run, what to check instead of run)."""
     ref_loss, ref_grad = (x.detach().float() for x in ref_run())
 
     def check_of(run):
@@ -392,12 +351,47 @@ def run_cases(res: Results, timer: Timer, device, section: str, case: str, impls
             return max(rel_err(loss.detach(), ref_loss), rel_err(g, ref_grad))
         return check
 
-    for impl, (why, run) in impls.items():
+    for impl, (why, run, *check_with) in impls.items():
         if why:
             res.add(section=section, case=case, impl=impl, status=why)
             continue
         measure(res, timer, device, section=section, case=case, impl=impl, fn=run, floor_bytes=floor,
-                check=check_of(run), extra=extra)
+                check=check_of(check_with[0] if check_with else run), extra=extra)
+    empty_cache(device)
+    res.save()
+
+
+# ----------------------------------------------------------------------------------------------
+# kd_loss: ours, the kernel alone, eager and compiled reference, Liger-Kernel
+def bench_kd(res: Results, timer: Timer, device, dry_run: bool):
+    compiled_ref = compile_fn(kd_loss_reference)
+    try:
+        liger, liger_missing = liger_kd_loss_factory(), None
+    except Exception as exc:  # noqa: BLE001
+        liger, liger_missing = None, f"missing: liger_kernel not importable ({type(exc).__name__}: {exc})"
+    T, a = KD_KW["temperature"], KD_KW["alpha"]
+    for n, c in DRY_KD_SHAPES if dry_run else KD_SHAPES:
+        for dtype_name in KD_DTYPES:
+            dtype = getattr(torch, dtype_name)
+            case = f"[{n},{c}] {dtype_name}"
+            inputs = start_case(res, "kd_loss", case, lambda: kd_inputs(device, n, c, dtype, seed=n * 7 + c))
+            if inputs is None:
+                continue
+            student, teacher, target = inputs
+            impls = ours(device, dry_run, lambda b: ued_fast.kd_loss(*inputs, backend=b, **KD_KW), student)
+            for backend in ("cuda", "triton") if not dry_run else ("cuda", "triton", "cpp"):
+                # The kernel alone (forward with the gradient, no op layer, no backward multiply): how
+                # close the kernel is to the floor, apart from what the autograd contract adds.
+                impls[f"kernel-{backend}"] = (backend_status(backend, device),
+                                              *kernel_only(backend, student, teacher, target))
+            impls["eager"] = (None, grad_of(lambda: kd_loss_reference(*inputs, **KD_KW), student))
+            impls["compiled"] = (None, grad_of(lambda: compiled_ref(*inputs, **KD_KW), student))
+            impls["liger"] = (liger_missing, None if liger is None else grad_of(
+                lambda: liger(student, teacher, target, T, a), student))
+            esize = torch.finfo(dtype).bits // 8  # floor: read s, read t, write grad
+            run_cases(res, timer, device, "kd_loss", case, impls, impls["eager"][1], n * c * 3 * esize,
+                      dict(n=n, c=c, dtype=dtype_name))
+            del student, teacher, target, inputs, impls
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,21 +401,17 @@ def bench_divergences(res: Results, timer: Timer, device, dry_run: bool):
     for n, c in DRY_DIVERGENCE_SHAPES if dry_run else DIVERGENCE_SHAPES:
         for divergence in ("reverse_kl", "jsd"):
             case = f"{divergence} [{n},{c}] bfloat16"
-            if res.out_of_time():
-                res.add(section="divergences", case=case, impl="*", status="skipped: time budget spent")
+            inputs = start_case(res, "divergences", case, lambda: kd_inputs(device, n, c, torch.bfloat16, n + c))
+            if inputs is None:
                 continue
-            student, teacher, target = bf16_inputs(device, n, c, seed=n + c)
+            student = inputs[0]
             kw = dict(KD_KW, divergence=divergence)
-            impls = {f"ours-{b}": (backend_status(b, device), grad_of(
-                lambda b=b: ued_fast.kd_loss(student, teacher, target, backend=b, **kw), student))
-                for b in (("cuda", "triton") if not dry_run else ("cuda", "triton", "cpp"))}
-            impls["eager"] = (None, grad_of(lambda: kd_loss_reference(student, teacher, target, **kw), student))
-            impls["compiled"] = (None, grad_of(lambda: compiled_ref(student, teacher, target, **kw), student))
+            impls = ours(device, dry_run, lambda b: ued_fast.kd_loss(*inputs, backend=b, **kw), student)
+            impls["eager"] = (None, grad_of(lambda: kd_loss_reference(*inputs, **kw), student))
+            impls["compiled"] = (None, grad_of(lambda: compiled_ref(*inputs, **kw), student))
             run_cases(res, timer, device, "divergences", case, impls, impls["eager"][1], n * c * 6,
                       dict(n=n, c=c, divergence=divergence))
-            del student, teacher, target, impls
-            empty_cache(device)
-            res.save()
+            del student, inputs, impls
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,73 +422,42 @@ def bench_sparse(res: Results, timer: Timer, device, dry_run: bool):
     compiled_ref = compile_fn(sparse_kd_loss_reference)
     for n, c, k in DRY_SPARSE_CASES if dry_run else SPARSE_CASES:
         case = f"[{n},{c}] k={k} bfloat16"
-        if res.out_of_time():
-            res.add(section="sparse_teacher", case=case, impl="*", status="skipped: time budget spent")
+        inputs = start_case(res, "sparse_teacher", case, lambda: kd_inputs(device, n, c, torch.bfloat16, n + c + k))
+        if inputs is None:
             continue
-        student, teacher, target = bf16_inputs(device, n, c, seed=n + c + k)
+        student, teacher, target = inputs
         values, indices = torch.log_softmax(teacher.float(), dim=-1).topk(k, dim=-1)
-        del teacher
         args = (student, indices, values, target)
+        del teacher, inputs
         impls = {"ours": (None, grad_of(lambda: sparse_kd_loss(*args, **KD_KW), student)),
                  "eager": (None, grad_of(lambda: sparse_kd_loss_reference(*args, **KD_KW), student)),
                  "compiled": (None, grad_of(lambda: compiled_ref(*args, **KD_KW), student))}
         # Floor: read the student, write its gradient, read the top-k pairs.
-        run_cases(res, timer, device, "sparse_teacher", case, impls, impls["eager"][1],
-                  n * c * 4 + n * k * 12, dict(n=n, c=c, k=k))
+        run_cases(res, timer, device, "sparse_teacher", case, impls, impls["eager"][1], n * c * 4 + n * k * 12,
+                  dict(n=n, c=c, k=k))
         del student, target, values, indices, args, impls
-        empty_cache(device)
-        res.save()
 
 
 # ----------------------------------------------------------------------------------------------
 # ensemble_kd_loss
 def bench_ensemble(res: Results, timer: Timer, device, dry_run: bool):
-    shapes = DRY_ENSEMBLE_SHAPES if dry_run else ENSEMBLE_SHAPES
-    dtype = torch.bfloat16
     compiled_ref = compile_fn(ensemble_kd_loss_reference)
-    for n, c in shapes:
+    for n, c in DRY_ENSEMBLE_SHAPES if dry_run else ENSEMBLE_SHAPES:
         for k in ENSEMBLE_KS:
             case = f"K={k} [{n},{c}] bfloat16"
-            floor = n * c * (2 + k * 2 + 2)
-            if res.out_of_time():
-                res.add(section="ensemble_kd_loss", case=case, impl="*", status="skipped: time budget spent")
+            inputs = start_case(res, "ensemble_kd_loss", case,
+                                lambda: kd_inputs(device, n, c, torch.bfloat16, n + 31 * c + k, k=k))
+            if inputs is None:
                 continue
-            try:
-                gen = torch.Generator(device=device).manual_seed(n + 31 * c + k)
-                student = (torch.randn(n, c, device=device, generator=gen) * 3).to(dtype).requires_grad_(True)
-                teachers = (torch.randn(k, n, c, device=device, generator=gen) * 3).to(dtype)
-                target = torch.randint(0, c, (n,), device=device, generator=gen)
-            except torch.cuda.OutOfMemoryError:
-                res.add(section="ensemble_kd_loss", case=case, impl="*", status="out of memory (inputs)")
-                continue
-            ref_loss, ref_grad = grad_of(
-                lambda: ensemble_kd_loss_reference(student, teachers, None, target, **KD_KW), student)()
-            ref_loss, ref_grad = ref_loss.detach(), ref_grad.float()
-
-            def checker(run):
-                def check():
-                    loss, g = run()
-                    return max(rel_err(loss.detach(), ref_loss), rel_err(g, ref_grad))
-                return check
-
-            impls = {}
-            for backend in ("cuda", "triton") if not dry_run else ("cuda", "triton", "cpp"):
-                impls[f"ours-{backend}"] = (backend_status(backend, device), grad_of(
-                    lambda b=backend: ued_fast.ensemble_kd_loss(student, teachers, target, backend=b, **KD_KW),
-                    student))
+            student, teachers, target = inputs
+            impls = ours(device, dry_run, lambda b: ued_fast.ensemble_kd_loss(*inputs, backend=b, **KD_KW), student)
             impls["eager"] = (None, grad_of(
                 lambda: ensemble_kd_loss_reference(student, teachers, None, target, **KD_KW), student))
             impls["compiled"] = (None, grad_of(
                 lambda: compiled_ref(student, teachers, None, target, **KD_KW), student))
-            for impl, (why, run) in impls.items():
-                if why:
-                    res.add(section="ensemble_kd_loss", case=case, impl=impl, status=why)
-                    continue
-                measure(res, timer, device, section="ensemble_kd_loss", case=case, impl=impl, fn=run,
-                        floor_bytes=floor, check=checker(run), extra=dict(n=n, c=c, k=k, dtype="bfloat16"))
-            del student, teachers, target, impls
-            empty_cache(device)
-            res.save()
+            run_cases(res, timer, device, "ensemble_kd_loss", case, impls, impls["eager"][1], n * c * (2 + k * 2 + 2),
+                      dict(n=n, c=c, k=k, dtype="bfloat16"))
+            del student, teachers, target, inputs, impls
 
 
 # ----------------------------------------------------------------------------------------------
