@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ued_fast
 from ued_fast.reference import TEACHER_KINDS
 
-from conftest import backend_cases
+from conftest import backend_cases, teacher_as_kind
 
 # The Triton interpreter evaluates masked-out lanes too: numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -88,7 +87,7 @@ def test_ensemble_kd_loss_double_backward_matches_reference(backend, device, mix
     g = _gen(2)
     s = (torch.randn(N, C, generator=g, dtype=torch.float64) * 2).to(dtype)
     logits = torch.randn(K, N, C, generator=g, dtype=torch.float64) * 2
-    teachers = _as_kind(logits, teacher_kind, 1.5).to(dtype)
+    teachers = teacher_as_kind(logits, teacher_kind, 1.5).to(dtype)
     w = torch.rand(K, N, generator=g, dtype=torch.float64) + 0.1
     y = torch.tensor([0, 3, -100, 6, 2, 1])
     kw = dict(mix=mix, temperature=1.5, alpha=0.6, teacher_kind=teacher_kind)
@@ -99,13 +98,6 @@ def test_ensemble_kd_loss_double_backward_matches_reference(backend, device, mix
                          [s.double()], ())
     assert want[1][0].abs().max() > 1e-3
     _assert_same(got[0] + got[1], want[0] + want[1], dtype, f"ensemble_kd_loss {backend}")
-
-
-def _as_kind(logits, kind, temperature):
-    t = logits / temperature if kind.startswith("tempered_") else logits
-    if kind.endswith("log_probs"):
-        return F.log_softmax(t, -1)
-    return F.softmax(t, -1) if kind.endswith("probs") else t
 
 
 def _heads_inputs(dtype, mode, seed=3):

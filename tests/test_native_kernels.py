@@ -59,6 +59,21 @@ def kd_reference(student, teacher, target, *, temperature, alpha, t2_scale=True,
         teacher_temperature=teacher_temperature)
 
 
+def kd_native_and_reference(student, teacher, target, **kw):
+    """((rows, grad) of the C++ kernel, (rows, grad) of the float64 reference) for the same arguments."""
+    return kd_native(student, teacher, target, **kw), kd_reference(student, teacher, target, **kw)
+
+
+def assert_rows_and_grad_close(native, reference, rows_tol, grad_tol=None):
+    """The kernel's loss rows and gradient against the reference's (grad_tol defaults to rows_tol)."""
+    (rows, grad), (ref_rows, ref_grad) = native, reference
+    torch.testing.assert_close(rows.double(), ref_rows, **rows_tol)
+    torch.testing.assert_close(grad.double(), ref_grad, **(rows_tol if grad_tol is None else grad_tol))
+
+
+EXACT = dict(rtol=1e-9, atol=1e-9)  # float64 in, float64 reference: only the summation order differs
+
+
 def tolerances(dtype, scale=1.0):
     return dict(rtol=1e-9, atol=1e-9 * scale) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5 * scale)
 
@@ -75,13 +90,11 @@ def make_target(n, c, mode, gen):
 
 
 def check_kd(student, teacher, target, dtype_tol, scale=1.0, **kw):
-    rows, grad = kd_native(student, teacher, target, **kw)
-    ref_rows, ref_grad = kd_reference(student, teacher, target, **kw)
+    (rows, grad), reference = kd_native_and_reference(student, teacher, target, **kw)
     expected_loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     assert rows.dtype == expected_loss_dtype and rows.shape == (student.shape[0],)
     assert grad.dtype == student.dtype and grad.shape == student.shape and grad.is_contiguous()
-    torch.testing.assert_close(rows.double(), ref_rows, **tolerances(dtype_tol, scale))
-    torch.testing.assert_close(grad.double(), ref_grad, **tolerances(dtype_tol))
+    assert_rows_and_grad_close((rows, grad), reference, tolerances(dtype_tol, scale), tolerances(dtype_tol))
     return rows, grad
 
 
@@ -145,14 +158,14 @@ def test_kd_loss_fwd_extreme_logits(divergence, dtype):
     student = (1e4 * torch.randn(5, 50, generator=gen)).to(dtype)
     teacher = (1e4 * torch.randn(5, 50, generator=gen)).to(dtype)
     target = make_target(5, 50, "ignored", gen)
-    rows, grad = kd_native(student, teacher, target, temperature=4.0, alpha=0.8, divergence=divergence, beta=0.3)
-    ref_rows, ref_grad = kd_reference(student, teacher, target, temperature=4.0, alpha=0.8, divergence=divergence,
-                                      beta=0.3)
+    (rows, grad), reference = kd_native_and_reference(student, teacher, target, temperature=4.0, alpha=0.8,
+                                                      divergence=divergence, beta=0.3)
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
     # float32: q (h - S) cancels terms of the size of D (~1e4 here), so the gradient keeps ~1e-7 * D absolute.
-    grad_atol = 1e-9 if dtype == torch.float64 else 1e-7 * float(ref_rows.abs().max())
-    torch.testing.assert_close(rows.double(), ref_rows, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=grad_atol + 1e-5)
+    grad_atol = 1e-9 if dtype == torch.float64 else 1e-7 * float(reference[0].abs().max())
+    assert_rows_and_grad_close((rows, grad), reference,
+                               dict(rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6),
+                               dict(rtol=1e-4, atol=grad_atol + 1e-5))
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -165,14 +178,12 @@ def test_kd_loss_fwd_zero_probability_teacher(divergence, kind):
     logits[:, ::3] = -math.inf
     teacher = teacher_of(kind, logits)
     kw = dict(temperature=2.0, alpha=1.0, divergence=divergence, beta=0.3, teacher_kind=kind)
-    rows, grad = kd_native(student, teacher, None, **kw)
-    ref_rows, ref_grad = kd_reference(student, teacher, None, **kw)
+    (rows, grad), reference = kd_native_and_reference(student, teacher, None, **kw)
     if divergence == "reverse_kl":
-        assert torch.isposinf(rows).all() and torch.isposinf(ref_rows).all()
+        assert torch.isposinf(rows).all() and torch.isposinf(reference[0]).all()
         return
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(rows, ref_rows, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+    assert_rows_and_grad_close((rows, grad), reference, EXACT)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
@@ -186,12 +197,9 @@ def test_kd_and_ensemble_with_one_term_only(divergence, alpha):
     check_kd(student, stacked[0], target, torch.float64, temperature=2.0, alpha=alpha, divergence=divergence)
     weights = torch.full((2, 5), 0.5, dtype=torch.float64)
     for mix in ("prob", "logit"):
-        kw = dict(mix=mix, temperature=2.0, alpha=alpha, divergence=divergence)
-        rows, grad = ensemble_native(student, stacked.unbind(0), weights, target, **kw)
-        ref_rows, ref_grad = reference_rows_and_grad(ensemble_kd_loss_reference, student, stacked, weights, target,
-                                                     ignore_index=IGNORE, **kw)
-        torch.testing.assert_close(rows, ref_rows, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+        assert_rows_and_grad_close(*ensemble_native_and_reference(
+            student, stacked.unbind(0), weights, target, mix=mix, temperature=2.0, alpha=alpha,
+            divergence=divergence), EXACT)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -211,11 +219,10 @@ def test_kd_loss_fwd_half_inputs(divergence, dtype):
     student = torch.randn(5, 40, generator=gen).to(dtype)
     teacher = torch.randn(5, 40, generator=gen).to(dtype)
     target = make_target(5, 40, "ignored", gen)
-    rows, grad = kd_native(student, teacher, target, temperature=2.0, alpha=0.7, divergence=divergence)
-    ref_rows, ref_grad = kd_reference(student, teacher, target, temperature=2.0, alpha=0.7, divergence=divergence)
+    (rows, grad), reference = kd_native_and_reference(student, teacher, target, temperature=2.0, alpha=0.7,
+                                                      divergence=divergence)
     assert rows.dtype == torch.float32 and grad.dtype == dtype
-    torch.testing.assert_close(rows.double(), ref_rows, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-3)
+    assert_rows_and_grad_close((rows, grad), reference, dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-2, atol=1e-3))
 
 
 def test_kd_loss_fwd_without_grad_returns_an_empty_grad():
@@ -237,6 +244,14 @@ def ensemble_native(student, teachers, weights, target, *, mix, temperature, alp
                                                    ["prob", "logit"].index(mix), compute_grad)
 
 
+def ensemble_native_and_reference(student, teachers, weights, target, **kw):
+    """((rows, grad) of the C++ kernel, (rows, grad) of the float64 reference) for the same arguments."""
+    native = ensemble_native(student, teachers, weights, target, **kw)
+    reference = reference_rows_and_grad(ensemble_kd_loss_reference, student, torch.stack(list(teachers)).double(),
+                                        weights.double(), target, ignore_index=IGNORE, **kw)
+    return native, reference
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("target_mode", ["none", "ignored"])
 @pytest.mark.parametrize("mix", ["prob", "logit"])
@@ -251,13 +266,11 @@ def test_ensemble_kd_loss_fwd_matches_reference(divergence, mix, target_mode, dt
     weights[1, 0] = 0.0  # a teacher left out of one row
     weights = (weights / weights.sum(0)).to(torch.float64 if dtype == torch.float64 else torch.float32)
     target = make_target(n, C, target_mode, gen)
-    kw = dict(mix=mix, temperature=2.0, alpha=0.7, teacher_temperature=1.5, divergence=divergence, beta=0.3)
-    rows, grad = ensemble_native(student, stacked.unbind(0), weights, target, **kw)
-    ref_rows, ref_grad = reference_rows_and_grad(ensemble_kd_loss_reference, student, stacked.double(),
-                                                 weights.double(), target, ignore_index=IGNORE, **kw)
+    (rows, grad), reference = ensemble_native_and_reference(
+        student, stacked.unbind(0), weights, target, mix=mix, temperature=2.0, alpha=0.7, teacher_temperature=1.5,
+        divergence=divergence, beta=0.3)
     assert grad.dtype == dtype and grad.shape == student.shape
-    torch.testing.assert_close(rows.double(), ref_rows, **tolerances(dtype))
-    torch.testing.assert_close(grad.double(), ref_grad, **tolerances(dtype))
+    assert_rows_and_grad_close((rows, grad), reference, tolerances(dtype))
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
@@ -267,12 +280,9 @@ def test_ensemble_kd_loss_fwd_jsd_beta_edges(mix, beta):
     student = torch.randn(4, 21, generator=gen, dtype=torch.float64)
     stacked = torch.randn(2, 4, 21, generator=gen, dtype=torch.float64)
     weights = torch.full((2, 4), 0.5, dtype=torch.float64)
-    kw = dict(mix=mix, temperature=2.0, alpha=0.5, divergence="jsd", beta=beta)
-    rows, grad = ensemble_native(student, stacked.unbind(0), weights, None, **kw)
-    ref_rows, ref_grad = reference_rows_and_grad(ensemble_kd_loss_reference, student, stacked, weights, None,
-                                                 ignore_index=IGNORE, **kw)
-    torch.testing.assert_close(rows, ref_rows, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+    assert_rows_and_grad_close(*ensemble_native_and_reference(
+        student, stacked.unbind(0), weights, None, mix=mix, temperature=2.0, alpha=0.5, divergence="jsd", beta=beta),
+        EXACT)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -284,13 +294,10 @@ def test_ensemble_kd_loss_fwd_extreme_logits_and_separate_teachers(mix, divergen
     teachers = [(1e4 * torch.randn(4, 45, generator=gen, dtype=torch.float64))[:, :30] for _ in range(2)]
     weights = torch.tensor([[0.25], [0.75]], dtype=torch.float64).expand(2, 4)  # stride 0 along N
     target = make_target(4, 30, "ignored", gen)
-    kw = dict(mix=mix, temperature=4.0, alpha=0.8, divergence=divergence, beta=0.3)
-    rows, grad = ensemble_native(student, teachers, weights, target, **kw)
-    ref_rows, ref_grad = reference_rows_and_grad(ensemble_kd_loss_reference, student, torch.stack(teachers),
-                                                 weights, target, ignore_index=IGNORE, **kw)
+    (rows, grad), reference = ensemble_native_and_reference(student, teachers, weights, target, mix=mix,
+                                                            temperature=4.0, alpha=0.8, divergence=divergence, beta=0.3)
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(rows, ref_rows, rtol=1e-9, atol=1e-6)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-9)
+    assert_rows_and_grad_close((rows, grad), reference, dict(rtol=1e-9, atol=1e-6), dict(rtol=1e-7, atol=1e-9))
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -12,18 +12,15 @@ import pytest
 import torch
 
 import ued_fast
+from conftest import IGNORE_INTERPRETER_WARNINGS, triton_device_or_skip_module
 from ued_fast.reference import DIVERGENCES, ensemble_kd_loss_reference, kd_loss_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if "triton" not in ued_fast.available_backends(DEVICE):
-    pytest.skip("Triton backend not available here (on CPU it needs TRITON_INTERPRET=1)",
-                allow_module_level=True)
+DEVICE = triton_device_or_skip_module()
 
 from ued_fast.kernels.ensemble_kd_loss import ensemble_kd_loss_fwd  # noqa: E402
 from ued_fast.kernels.kd_loss import kd_loss_fwd  # noqa: E402
 
-# The interpreter evaluates masked-out lanes too (exp(-inf - -inf) and the like): numpy warns.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = IGNORE_INTERPRETER_WARNINGS
 
 KIND_NAMES = ("logits", "log_probs", "probs")
 IGNORE = -100
