@@ -36,6 +36,11 @@ def _raises(exc, words, fn, *args, **kwargs):
         assert w in str(info.value), f"{w!r} not in: {info.value}"
 
 
+def _bad_cases(table):
+    """pytest params (breaks, exc, words) of a table of (id, breaks, exc, words) rows, each named by its id."""
+    return [pytest.param(breaks, exc, words, id=name) for name, breaks, exc, words in table]
+
+
 # --- kd_loss / KDLoss ------------------------------------------------------------------------------
 
 def _kd_args():
@@ -78,9 +83,8 @@ KD_BAD = [
 
 
 @pytest.mark.parametrize("backend,device", KD_CASES)
-@pytest.mark.parametrize("case", KD_BAD, ids=[c[0] for c in KD_BAD])
-def test_kd_loss_bad_input(backend, device, case):
-    _, breaks, exc, words = case
+@pytest.mark.parametrize("breaks,exc,words", _bad_cases(KD_BAD))
+def test_kd_loss_bad_input(backend, device, breaks, exc, words):
     s, t, y, kw = breaks(*_kd_args(), {"backend": backend})
     _raises(exc, ["kd_loss"] + words, ued_fast.kd_loss, s, t, y, **kw)
     # The module form: scalar arguments are checked when it is built, tensors when it is called.
@@ -142,9 +146,8 @@ ENS_BAD = [
 
 
 @pytest.mark.parametrize("backend,device", ENS_CASES)
-@pytest.mark.parametrize("case", ENS_BAD, ids=[c[0] for c in ENS_BAD])
-def test_ensemble_kd_loss_bad_input(backend, device, case):
-    _, breaks, exc, words = case
+@pytest.mark.parametrize("breaks,exc,words", _bad_cases(ENS_BAD))
+def test_ensemble_kd_loss_bad_input(backend, device, breaks, exc, words):
     s, T, w, kw = breaks(*_ens_args(), {"backend": backend})
     _raises(exc, ["ensemble_kd_loss"] + words, ued_fast.ensemble_kd_loss, s, T, weights=w, **kw)
 
@@ -209,9 +212,8 @@ HEADS_BAD = [
 
 
 @pytest.mark.parametrize("backend,device", HEADS_CASES)
-@pytest.mark.parametrize("case", HEADS_BAD, ids=[c[0] for c in HEADS_BAD])
-def test_grouped_heads_bad_input(backend, device, case):
-    _, breaks, exc, words = case
+@pytest.mark.parametrize("breaks,exc,words", _bad_cases(HEADS_BAD))
+def test_grouped_heads_bad_input(backend, device, breaks, exc, words):
     f, w, b, c, kw = breaks(*_heads_args(), COVER, {"backend": backend})
     _raises(exc, words, ued_fast.grouped_heads, f, w, b, c, **kw)
 
