@@ -5,8 +5,11 @@ backend is covered as soon as it exists: 'triton' runs on CPU tensors under TRIT
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ued_fast
 
@@ -123,3 +126,27 @@ def assert_one_line_cli_error(result, *words):
     assert len(lines) == 1 and lines[0].startswith("ued-fast: error:"), err
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+class TensorSizeWatch(TorchDispatchMode):
+    """Watches the tensors ops return: `largest`, the most elements of any; `storages`, the distinct storages
+    of those with at least `numel` elements (views and in-place results share theirs and count once);
+    `largest_other`, the most elements of any smaller one."""
+
+    def __init__(self, numel: float = math.inf):
+        super().__init__()
+        self.numel = numel
+        self.largest = 0
+        self.storages = set()
+        self.largest_other = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+                if t.numel() >= self.numel:
+                    self.storages.add(t.untyped_storage().data_ptr())
+                else:
+                    self.largest_other = max(self.largest_other, t.numel())
+        return out
