@@ -16,7 +16,7 @@ import ued_fast
 from ued_fast.ops import _checks
 from ued_fast.reference import REDUCTIONS, TEACHER_KINDS
 
-from conftest import backend_cases
+from conftest import backend_cases, teacher_as_kind
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's masked lanes
 
@@ -115,13 +115,6 @@ def test_no_sync_on_cuda(fresh_guards):
 
 # --- teacher kinds ------------------------------------------------------------------------------------
 
-def _as_kind(logits, kind, temperature):
-    t = logits / temperature if kind.startswith("tempered_") else logits
-    if kind.endswith("log_probs"):
-        return F.log_softmax(t, -1)
-    return F.softmax(t, -1) if kind.endswith("probs") else t
-
-
 def test_kldivloss_habit_has_a_direct_translation():
     """nn.KLDivLoss(log_softmax(s/T), softmax(t/T)) * T^2 is kd_loss with the soft targets passed as
     teacher_kind='tempered_probs' (and is kd_loss(s, t) on the logits)."""
@@ -148,7 +141,7 @@ def test_ensemble_reference_teacher_kinds_follow_the_spec():
     expected = {"prob": (wn[..., None] * p_k).sum(0), "logit": F.softmax((wn[..., None] * p_k.log()).sum(0), -1)}
     for kind in TEACHER_KINDS:
         for mix, p in expected.items():
-            got = ued_fast.ensemble_kd_loss_reference(s, _as_kind(logits, kind, T), w, mix=mix, temperature=T,
+            got = ued_fast.ensemble_kd_loss_reference(s, teacher_as_kind(logits, kind, T), w, mix=mix, temperature=T,
                                                       teacher_kind=kind, reduction="none")
             want = T * T * (p * (p.log() - F.log_softmax(s / T, -1))).sum(-1)
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"{kind} {mix}: {m}")
@@ -168,7 +161,7 @@ def test_ensemble_teacher_kinds_agree_on_every_backend(backend, device, mix):
                                               reduction="none")
     tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     for kind in TEACHER_KINDS:
-        teachers = _as_kind(logits, kind, T).to(dtype).to(device)
+        teachers = teacher_as_kind(logits, kind, T).to(dtype).to(device)
         for given in (teachers, list(teachers.unbind(0))):
             got = ued_fast.ensemble_kd_loss(s.to(device), given, y.to(device), weights=w.to(dtype).to(device), mix=mix,
                                             temperature=T, reduction="none", teacher_kind=kind, backend=backend)
@@ -213,7 +206,7 @@ def test_guards_warn_once_on_common_mistakes(fresh_guards):
 def test_guards_stay_quiet_on_right_inputs(fresh_guards):
     s, t = _logits(12, 10, seed=17), _logits(12, 10, seed=18)
     calls = [lambda: ued_fast.kd_loss(s, t), lambda: ued_fast.ensemble_kd_loss(s, torch.stack([t, -t])),
-             *(lambda k=k: ued_fast.kd_loss(s, _as_kind(t, k, 3.0), temperature=3.0, teacher_kind=k)
+             *(lambda k=k: ued_fast.kd_loss(s, teacher_as_kind(t, k, 3.0), temperature=3.0, teacher_kind=k)
                for k in TEACHER_KINDS),
              # log_softmax(s) as the student is harmless at T = 1 (softmax is shift invariant)
              lambda: ued_fast.kd_loss(F.log_softmax(s, -1), t, temperature=1.0)]

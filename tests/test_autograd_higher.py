@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ued_fast
 from ued_fast.reference import TEACHER_KINDS
 
-from conftest import backend_cases
+from conftest import backend_cases, teacher_as_kind
 
 # The Triton interpreter evaluates masked-out lanes too: numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -88,7 +87,7 @@ def test_ensemble_kd_loss_double_backward_matches_reference(backend, device, mix
     g = _gen(2)
     s = (torch.randn(N, C, generator=g, dtype=torch.float64) * 2).to(dtype)
     logits = torch.randn(K, N, C, generator=g, dtype=torch.float64) * 2
-    teachers = _as_kind(logits, teacher_kind, 1.5).to(dtype)
+    teachers = teacher_as_kind(logits, teacher_kind, 1.5).to(dtype)
     w = torch.rand(K, N, generator=g, dtype=torch.float64) + 0.1
     y = torch.tensor([0, 3, -100, 6, 2, 1])
     kw = dict(mix=mix, temperature=1.5, alpha=0.6, teacher_kind=teacher_kind)
@@ -101,28 +100,22 @@ def test_ensemble_kd_loss_double_backward_matches_reference(backend, device, mix
     _assert_same(got[0] + got[1], want[0] + want[1], dtype, f"ensemble_kd_loss {backend}")
 
 
-def _as_kind(logits, kind, temperature):
-    t = logits / temperature if kind.startswith("tempered_") else logits
-    if kind.endswith("log_probs"):
-        return F.log_softmax(t, -1)
-    return F.softmax(t, -1) if kind.endswith("probs") else t
-
-
-def _heads_inputs(dtype, mode, seed=3):
+def _heads_inputs(backend, mode, seed=3):
+    """The dtype `backend` is tested in, and grouped_heads inputs [features, weight, bias] in that dtype."""
+    dtype = _dtype(backend)
     g = _gen(seed)
     k, d = len(COVER), 5
     width = max(len(c) for c in COVER) + (1 if mode == "prob_mean" else 0)
     features = torch.randn(N, k * d, generator=g, dtype=torch.float64)
     weight = torch.randn(k, d, width, generator=g, dtype=torch.float64) * 0.5
     bias = torch.randn(k, width, generator=g, dtype=torch.float64) * 0.5
-    return [x.to(dtype) for x in (features, weight, bias)]
+    return dtype, [x.to(dtype) for x in (features, weight, bias)]
 
 
 @pytest.mark.parametrize("mode", ["logit_mean", "prob_mean"])
 @pytest.mark.parametrize("backend,device", backend_cases("grouped_heads"))
 def test_grouped_heads_double_backward_matches_reference(backend, device, mode):
-    dtype = _dtype(backend)
-    inputs = _heads_inputs(dtype, mode)
+    dtype, inputs = _heads_inputs(backend, mode)
     got = _second_order(lambda *a: ued_fast.grouped_heads(*a, COVER, mode=mode, backend=backend),
                         [x.to(device) for x in inputs], (N, C))
     want = _second_order(lambda *a: ued_fast.grouped_heads_reference(*a, COVER, mode=mode),
@@ -134,8 +127,7 @@ def test_grouped_heads_double_backward_matches_reference(backend, device, mode):
 @pytest.mark.parametrize("backend,device", backend_cases("grouped_heads"))
 def test_grouped_heads_double_backward_for_some_inputs_only(backend, device):
     """Only the weight needs a gradient: the others get None, the weight's is still differentiable."""
-    dtype = _dtype(backend)
-    features, weight, bias = _heads_inputs(dtype, "prob_mean")
+    dtype, (features, weight, bias) = _heads_inputs(backend, "prob_mean")
     weight_dev = weight.to(device).requires_grad_()
     out = ued_fast.grouped_heads(features.to(device), weight_dev, bias.to(device), COVER, mode="prob_mean",
                                  backend=backend)
@@ -172,8 +164,7 @@ def test_func_grad_and_vmap_kd_ops(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_cases("grouped_heads"))
 def test_func_jacrev_and_vmap_grouped_heads(backend, device):
-    dtype = _dtype(backend)
-    features, weight, bias = _heads_inputs(dtype, "prob_mean")
+    dtype, (features, weight, bias) = _heads_inputs(backend, "prob_mean")
     weight_dev, bias_dev = weight.to(device), bias.to(device)
     fn = lambda f: ued_fast.grouped_heads(f.to(device), weight_dev, bias_dev, COVER, mode="prob_mean",
                                           backend=backend).cpu()

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import ued_fast
 from ued_fast import covers, data, models
 
-from conftest import backend_cases
+from conftest import assert_one_line_cli_error, backend_cases
 
 KD_CASES = [p for p in backend_cases("kd_loss") if p.values[1] == "cpu"]
 ENS_CASES = [p for p in backend_cases("ensemble_kd_loss") if p.values[1] == "cpu"]
@@ -34,6 +34,11 @@ def _raises(exc, words, fn, *args, **kwargs):
         fn(*args, **kwargs)
     for w in words:
         assert w in str(info.value), f"{w!r} not in: {info.value}"
+
+
+def _bad_cases(table):
+    """pytest params (breaks, exc, words) of a table of (id, breaks, exc, words) rows, each named by its id."""
+    return [pytest.param(breaks, exc, words, id=name) for name, breaks, exc, words in table]
 
 
 # --- kd_loss / KDLoss ------------------------------------------------------------------------------
@@ -78,9 +83,8 @@ KD_BAD = [
 
 
 @pytest.mark.parametrize("backend,device", KD_CASES)
-@pytest.mark.parametrize("case", KD_BAD, ids=[c[0] for c in KD_BAD])
-def test_kd_loss_bad_input(backend, device, case):
-    _, breaks, exc, words = case
+@pytest.mark.parametrize("breaks,exc,words", _bad_cases(KD_BAD))
+def test_kd_loss_bad_input(backend, device, breaks, exc, words):
     s, t, y, kw = breaks(*_kd_args(), {"backend": backend})
     _raises(exc, ["kd_loss"] + words, ued_fast.kd_loss, s, t, y, **kw)
     # The module form: scalar arguments are checked when it is built, tensors when it is called.
@@ -142,9 +146,8 @@ ENS_BAD = [
 
 
 @pytest.mark.parametrize("backend,device", ENS_CASES)
-@pytest.mark.parametrize("case", ENS_BAD, ids=[c[0] for c in ENS_BAD])
-def test_ensemble_kd_loss_bad_input(backend, device, case):
-    _, breaks, exc, words = case
+@pytest.mark.parametrize("breaks,exc,words", _bad_cases(ENS_BAD))
+def test_ensemble_kd_loss_bad_input(backend, device, breaks, exc, words):
     s, T, w, kw = breaks(*_ens_args(), {"backend": backend})
     _raises(exc, ["ensemble_kd_loss"] + words, ued_fast.ensemble_kd_loss, s, T, weights=w, **kw)
 
@@ -209,9 +212,8 @@ HEADS_BAD = [
 
 
 @pytest.mark.parametrize("backend,device", HEADS_CASES)
-@pytest.mark.parametrize("case", HEADS_BAD, ids=[c[0] for c in HEADS_BAD])
-def test_grouped_heads_bad_input(backend, device, case):
-    _, breaks, exc, words = case
+@pytest.mark.parametrize("breaks,exc,words", _bad_cases(HEADS_BAD))
+def test_grouped_heads_bad_input(backend, device, breaks, exc, words):
     f, w, b, c, kw = breaks(*_heads_args(), COVER, {"backend": backend})
     _raises(exc, words, ued_fast.grouped_heads, f, w, b, c, **kw)
 
@@ -419,14 +421,8 @@ def _cli_error(args, *words):
     from ued_fast.cli import app
 
     r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert_one_line_cli_error(r, *words)
     assert isinstance(r.exception, SystemExit), r.exception
-    err = r.stderr if r.stderr else r.output
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ued-fast: error:"), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def _usage_error(args, *words):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import assert_one_line_cli_error
 from ued_fast.cli import app
 from ued_fast.experiment import ConfigError, load_config, packaged_configs, parse_set
 
@@ -19,16 +20,6 @@ runner = CliRunner()
 
 def invoke(*args):
     return runner.invoke(app, list(args))
-
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr if hasattr(result, "stderr") else result.output
-    assert "Traceback" not in err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ued-fast: error:"), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def test_parse_set_nests_keys_and_parses_yaml_values():
@@ -78,39 +69,39 @@ def test_cifar10_config_student_is_about_107k_parameters():
 
 
 def test_missing_config_file(tmp_path):
-    _one_line_error(invoke("experiment", "--config", str(tmp_path / "nope.yaml")), "nope.yaml", "not found")
+    assert_one_line_cli_error(invoke("experiment", "--config", str(tmp_path / "nope.yaml")), "nope.yaml", "not found")
 
 
 def test_bad_yaml_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset: [digits\n")
-    _one_line_error(invoke("experiment", "--config", str(bad)), "bad.yaml", "not valid YAML")
+    assert_one_line_cli_error(invoke("experiment", "--config", str(bad)), "bad.yaml", "not valid YAML")
     notmap = tmp_path / "list.yaml"
     notmap.write_text("- 1\n- 2\n")
-    _one_line_error(invoke("experiment", "--config", str(notmap)), "list.yaml", "mapping")
+    assert_one_line_cli_error(invoke("experiment", "--config", str(notmap)), "list.yaml", "mapping")
 
 
 def test_bad_set_and_unknown_key():
-    _one_line_error(invoke("demo", "--set", "train.epochs"), "--set", "key=value")
-    _one_line_error(invoke("demo", "--set", "train.nope=1"), "train.nope")
+    assert_one_line_cli_error(invoke("demo", "--set", "train.epochs"), "--set", "key=value")
+    assert_one_line_cli_error(invoke("demo", "--set", "train.nope=1"), "train.nope")
 
 
 def test_unknown_dataset_and_model(tmp_path):
-    _one_line_error(invoke("demo", "--set", "dataset=nope-set", "--out", str(tmp_path)), "nope-set")
-    _one_line_error(invoke("train-teacher", "--dataset", "digits", "--model", "nope", "--out", str(tmp_path)),
-                    "--model", "nope")
-    _one_line_error(invoke("train-teacher", "--dataset", "nope-set", "--model", "student", "--out", str(tmp_path)),
-                    "nope-set")
+    assert_one_line_cli_error(invoke("demo", "--set", "dataset=nope-set", "--out", str(tmp_path)), "nope-set")
+    assert_one_line_cli_error(
+        invoke("train-teacher", "--dataset", "digits", "--model", "nope", "--out", str(tmp_path)), "--model", "nope")
+    assert_one_line_cli_error(
+        invoke("train-teacher", "--dataset", "nope-set", "--model", "student", "--out", str(tmp_path)), "nope-set")
 
 
 def test_bad_seeds_and_device(tmp_path):
-    _one_line_error(invoke("demo", "--seeds", "a,b", "--out", str(tmp_path)), "--seeds")
-    _one_line_error(invoke("demo", "--device", "tpu9", "--out", str(tmp_path)), "--device")
+    assert_one_line_cli_error(invoke("demo", "--seeds", "a,b", "--out", str(tmp_path)), "--seeds")
+    assert_one_line_cli_error(invoke("demo", "--device", "tpu9", "--out", str(tmp_path)), "--device")
 
 
 def test_distill_needs_an_existing_teacher_checkpoint(tmp_path):
-    _one_line_error(invoke("distill", "--dataset", "digits", "--teacher", "teacher_s", "--teacher-checkpoint",
-                           str(tmp_path / "missing.pt"), "--out", str(tmp_path)), "--teacher-checkpoint")
+    assert_one_line_cli_error(invoke("distill", "--dataset", "digits", "--teacher", "teacher_s", "--teacher-checkpoint",
+                                     str(tmp_path / "missing.pt"), "--out", str(tmp_path)), "--teacher-checkpoint")
 
 
 def test_train_teacher_then_distill_end_to_end(tmp_path):
@@ -127,8 +118,9 @@ def test_train_teacher_then_distill_end_to_end(tmp_path):
     result = json.loads((tmp_path / "s" / "result.json").read_text())
     assert result["kind"] == "student" and 0 <= result["test_acc"] <= 1
     # A checkpoint that does not fit the named teacher is a clear error.
-    _one_line_error(invoke("distill", "--dataset", "digits", "--teacher", "teacher_xl", "--teacher-checkpoint",
-                           str(tmp_path / "t" / "checkpoint.pt"), "--out", str(tmp_path / "x")), "does not fit")
+    bad_fit = invoke("distill", "--dataset", "digits", "--teacher", "teacher_xl", "--teacher-checkpoint",
+                     str(tmp_path / "t" / "checkpoint.pt"), "--out", str(tmp_path / "x"))
+    assert_one_line_cli_error(bad_fit, "does not fit")
 
 
 def test_real_process_prints_no_traceback(tmp_path):

@@ -15,7 +15,7 @@ from ued_fast.ops import _spine
 from ued_fast.reference import (DIVERGENCES, REDUCTIONS, TEACHER_KINDS, divergence_rows, ensemble_kd_loss_reference,
                                 ensemble_log_probs, kd_loss_reference)
 
-from conftest import assert_close, backend_cases
+from conftest import assert_close, backend_cases, teacher_as_kind
 
 KD_CASES = backend_cases("kd_loss")
 FP64_BACKENDS = [b for b in ued_fast.available_backends("cpu") if b in ("reference", "cpp")]
@@ -32,19 +32,18 @@ def _case(n=7, c=11, seed=0, ignored=True):
     return s, t, y
 
 
-def _as_kind(t: torch.Tensor, kind: str, teacher_temperature: float) -> torch.Tensor:
-    """Teacher logits t as `kind` says (the tempered kinds at teacher_temperature)."""
-    return {"logits": t, "log_probs": F.log_softmax(t, -1), "probs": F.softmax(t, -1),
-            "tempered_probs": F.softmax(t / teacher_temperature, -1),
-            "tempered_log_probs": F.log_softmax(t / teacher_temperature, -1)}[kind]
-
-
 def _dtype(backend: str) -> torch.dtype:
     return torch.float64 if backend in ("cpp", "reference") else torch.float32
 
 
 def _tol(dtype):
     return (1e-9, 1e-10) if dtype == torch.float64 else (2e-4, 2e-5)
+
+
+def _assert_loss_and_grad_close(got, grad, want, want_grad, dtype, what):
+    rtol, atol = _tol(dtype)
+    assert_close(got, want, rtol=rtol, atol=atol, what=what + " loss")
+    assert_close(grad, want_grad, rtol=rtol, atol=atol, what=what + " grad")
 
 
 def _loss_and_grad(fn, s):
@@ -115,7 +114,7 @@ def test_contract_gradients_are_the_references(divergence, beta, kind, has_targe
     """The contract's closed-form dD/dz (what every kernel writes) is the reference's autograd gradient."""
     s, t, y = _case(seed=1)
     y = y if has_target else None
-    teacher = _as_kind(t, kind, 2.5)
+    teacher = teacher_as_kind(t, kind, 2.5)
     kw = dict(temperature=1.7, alpha=0.6, t2_scale=True, teacher_kind=kind, teacher_temperature=2.5,
               divergence=divergence, beta=beta)
     want, want_grad = _loss_and_grad(lambda x: kd_loss_reference(x, teacher, y, reduction="none", **kw), s)
@@ -146,7 +145,7 @@ def test_kd_coefficients_follow_the_contract():
 def test_kd_loss_divergences(backend, device, divergence, kind):
     dtype = _dtype(backend)
     s, t, y = _case(seed=2)
-    teacher = _as_kind(t, kind, 3.0)
+    teacher = teacher_as_kind(t, kind, 3.0)
     for target in (y, None):
         for reduction in REDUCTIONS:
             for beta in ((0.0, 1.0, 0.3) if divergence == "jsd" else (0.5,)):
@@ -156,10 +155,9 @@ def test_kd_loss_divergences(backend, device, divergence, kind):
                 got, grad = _loss_and_grad(
                     lambda x: ued_fast.kd_loss(x.to(dtype).to(device), teacher.to(dtype).to(device), target
                                                if target is None else target.to(device), backend=backend, **kw), s)
-                rtol, atol = _tol(dtype)
-                what = f"{backend} {divergence} {kind} beta={beta} {reduction} target={target is not None}"
-                assert_close(got, want, rtol=rtol, atol=atol, what=what + " loss")
-                assert_close(grad, want_grad, rtol=rtol, atol=atol, what=what + " grad")
+                _assert_loss_and_grad_close(
+                    got, grad, want, want_grad, dtype,
+                    f"{backend} {divergence} {kind} beta={beta} {reduction} target={target is not None}")
 
 
 @pytest.mark.parametrize("backend,device", backend_cases("ensemble_kd_loss"))
@@ -170,7 +168,7 @@ def test_ensemble_kd_loss_divergences(backend, device, divergence, mix, kind):
     dtype = _dtype(backend)
     s, _, y = _case(seed=3)
     gen = torch.Generator().manual_seed(4)
-    teachers = _as_kind(torch.randn(3, *s.shape, generator=gen, dtype=torch.float64) * 2, kind, 1.5)
+    teachers = teacher_as_kind(torch.randn(3, *s.shape, generator=gen, dtype=torch.float64) * 2, kind, 1.5)
     weights = torch.rand(3, s.shape[0], generator=gen, dtype=torch.float64)
     weights[0, 2] = 0.0  # a left-out teacher
     for target, reduction in ((y, "batchmean"), (None, "none"), (y, "mean")):
@@ -180,10 +178,8 @@ def test_ensemble_kd_loss_divergences(backend, device, divergence, mix, kind):
         got, grad = _loss_and_grad(lambda x: ued_fast.ensemble_kd_loss(
             x.to(dtype).to(device), teachers.to(dtype).to(device), None if target is None else target.to(device),
             weights=weights.to(device), backend=backend, **kw), s)
-        rtol, atol = _tol(dtype)
-        what = f"{backend} {divergence} {mix} {kind} {reduction}"
-        assert_close(got, want, rtol=rtol, atol=atol, what=what + " loss")
-        assert_close(grad, want_grad, rtol=rtol, atol=atol, what=what + " grad")
+        _assert_loss_and_grad_close(got, grad, want, want_grad, dtype,
+                                    f"{backend} {divergence} {mix} {kind} {reduction}")
 
 
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
@@ -192,7 +188,7 @@ def test_gradcheck(backend, divergence):
     s, t, y = _case(n=4, c=6, seed=5)
     teachers = torch.stack([t, -t.flip(0)])
     for kind, target in (("logits", y), ("probs", None), ("tempered_log_probs", y)):
-        teacher = _as_kind(t, kind, 0.8)
+        teacher = teacher_as_kind(t, kind, 0.8)
         assert torch.autograd.gradcheck(
             lambda x: ued_fast.kd_loss(x, teacher, target, temperature=1.3, alpha=0.6, teacher_kind=kind,
                                        divergence=divergence, beta=0.3, teacher_temperature=0.8, backend=backend),

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ued_fast
 from ued_fast import (FusedLinearEnsembleKDLoss, FusedLinearKDLoss, ensemble_kd_loss_reference,
                       fused_linear_ensemble_kd_loss, fused_linear_kd_loss, kd_loss_reference)
 from ued_fast.ops import fused_linear_kd_loss as flk
+
+from conftest import TensorSizeWatch
 
 BACKENDS = ued_fast.available_backends("cpu")
 HAS_CPP = "cpp" in BACKENDS
@@ -420,19 +421,6 @@ def test_modules():
 # Memory: nothing of size N x V (or K x N x V) is ever made
 # ---------------------------------------------------------------------------------------------
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @needs_cpp
 @pytest.mark.parametrize("ensemble", [False, True])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
@@ -445,7 +433,7 @@ def test_no_tensor_of_n_by_v_is_made(ensemble, reduction):
     mix_w = torch.full((len(teachers), n), 1.0 / len(teachers)) if ensemble else None
     tb_list = [x if x is not None else torch.zeros(v) for x in tb]
     scale = torch.rand(n) if reduction == "none" else torch.tensor(0.1)
-    with _LargestTensor() as mode:
+    with TensorSizeWatch() as mode:
         flk._chunked_pass(hidden, weight, bias, teachers, tw, tb_list, mix_w, target, scale, 1.0, 0.5, True, -100,
                           "logits", "prob", ensemble, "cpp", chunk, True, True, True)
     assert mode.largest <= max(chunk * v, v * h, n * h), mode.largest

@@ -13,17 +13,14 @@ import pytest
 import torch
 
 import ued_fast
+from conftest import IGNORE_INTERPRETER_WARNINGS, assert_compiled_kd_step_matches_eager, triton_device_or_skip_module
 from ued_fast.reference import kd_loss_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if "triton" not in ued_fast.available_backends(DEVICE):
-    pytest.skip("Triton backend not available here (on CPU it needs TRITON_INTERPRET=1)",
-                allow_module_level=True)
+DEVICE = triton_device_or_skip_module()
 
 from ued_fast.kernels import kd_loss as tk  # noqa: E402  (imported only when Triton can run)
 
-# The interpreter evaluates masked-out lanes too (exp(-inf - -inf) and the like): numpy warns.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = IGNORE_INTERPRETER_WARNINGS
 
 KINDS = {"logits": 0, "log_probs": 1, "probs": 2}
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -353,15 +350,4 @@ def test_opcheck_and_compile_with_triton_backend():
                 "triton", True)
         torch.library.opcheck(torch.ops.ued_fast.kd_loss.default, args)
 
-    torch._dynamo.reset()
-
-    def step(student, teacher, target):
-        return ued_fast.kd_loss(student, teacher, target, temperature=2.0, alpha=0.5, backend="triton") * 2.0
-
-    compiled = torch.compile(step, fullgraph=True)
-    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
-    loss_c, loss_e = compiled(a, t, y), step(b, t, y)
-    loss_c.backward()
-    loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    assert_compiled_kd_step_matches_eager("triton", s, t, y)

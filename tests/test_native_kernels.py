@@ -59,6 +59,21 @@ def kd_reference(student, teacher, target, *, temperature, alpha, t2_scale=True,
         teacher_temperature=teacher_temperature)
 
 
+def kd_native_and_reference(student, teacher, target, **kw):
+    """((rows, grad) of the C++ kernel, (rows, grad) of the float64 reference) for the same arguments."""
+    return kd_native(student, teacher, target, **kw), kd_reference(student, teacher, target, **kw)
+
+
+def assert_rows_and_grad_close(native, reference, rows_tol, grad_tol=None):
+    """The kernel's loss rows and gradient against the reference's (grad_tol defaults to rows_tol)."""
+    (rows, grad), (ref_rows, ref_grad) = native, reference
+    torch.testing.assert_close(rows.double(), ref_rows, **rows_tol)
+    torch.testing.assert_close(grad.double(), ref_grad, **(rows_tol if grad_tol is None else grad_tol))
+
+
+EXACT = dict(rtol=1e-9, atol=1e-9)  # float64 in, float64 reference: only the summation order differs
+
+
 def tolerances(dtype, scale=1.0):
     return dict(rtol=1e-9, atol=1e-9 * scale) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5 * scale)
 
@@ -74,14 +89,28 @@ def make_target(n, c, mode, gen):
     return target
 
 
+def kd_inputs(seed, n, c, dtype=torch.float64, target_mode="none", scale=1.0):
+    """Seeded student and teacher logits [n, c] (drawn in float32, then cast to dtype) and a target."""
+    gen = torch.Generator().manual_seed(seed)
+    student = (scale * torch.randn(n, c, generator=gen)).to(dtype)
+    teacher = (scale * torch.randn(n, c, generator=gen)).to(dtype)
+    return student, teacher, make_target(n, c, target_mode, gen)
+
+
+def ensemble_inputs(seed, k, n, c, target_mode="none"):
+    """Seeded float64 student [n, c], k stacked teachers [k, n, c], equal weights [k, n] and a target."""
+    gen = torch.Generator().manual_seed(seed)
+    student = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    stacked = torch.randn(k, n, c, generator=gen, dtype=torch.float64)
+    return student, stacked, torch.full((k, n), 1.0 / k, dtype=torch.float64), make_target(n, c, target_mode, gen)
+
+
 def check_kd(student, teacher, target, dtype_tol, scale=1.0, **kw):
-    rows, grad = kd_native(student, teacher, target, **kw)
-    ref_rows, ref_grad = kd_reference(student, teacher, target, **kw)
+    (rows, grad), reference = kd_native_and_reference(student, teacher, target, **kw)
     expected_loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     assert rows.dtype == expected_loss_dtype and rows.shape == (student.shape[0],)
     assert grad.dtype == student.dtype and grad.shape == student.shape and grad.is_contiguous()
-    torch.testing.assert_close(rows.double(), ref_rows, **tolerances(dtype_tol, scale))
-    torch.testing.assert_close(grad.double(), ref_grad, **tolerances(dtype_tol))
+    assert_rows_and_grad_close((rows, grad), reference, tolerances(dtype_tol, scale), tolerances(dtype_tol))
     return rows, grad
 
 
@@ -91,11 +120,8 @@ def check_kd(student, teacher, target, dtype_tol, scale=1.0, **kw):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("C", [1, 3, 17, 1000, 4099])
 def test_kd_loss_fwd_matches_reference(divergence, kind, target_mode, dtype, C):
-    gen = torch.Generator().manual_seed(C * 7 + KINDS.index(kind))
-    n = 6
-    student = (3 * torch.randn(n, C, generator=gen)).to(dtype)
-    teacher = teacher_of(kind, (3 * torch.randn(n, C, generator=gen)).to(dtype))
-    target = make_target(n, C, target_mode, gen)
+    student, logits, target = kd_inputs(C * 7 + KINDS.index(kind), 6, C, dtype, target_mode, scale=3.0)
+    teacher = teacher_of(kind, logits)
     check_kd(student, teacher, target, dtype, temperature=2.0, alpha=0.7, teacher_temperature=3.0,
              divergence=divergence, beta=0.3, teacher_kind=kind)
 
@@ -103,10 +129,7 @@ def test_kd_loss_fwd_matches_reference(divergence, kind, target_mode, dtype, C):
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_kd_loss_fwd_jsd_beta(beta, dtype):
-    gen = torch.Generator().manual_seed(5)
-    student = torch.randn(9, 33, generator=gen).to(dtype)
-    teacher = torch.randn(9, 33, generator=gen).to(dtype)
-    target = make_target(9, 33, "ignored", gen)
+    student, teacher, target = kd_inputs(5, 9, 33, dtype, "ignored")
     rows, grad = check_kd(student, teacher, target, dtype, temperature=1.5, alpha=0.6, divergence="jsd", beta=beta)
     if beta in (0.0, 1.0):  # m is one of p, q: the divergence is 0, the loss is the CE alone
         rows_ce, _ = kd_native(student, teacher, target, temperature=1.5, alpha=0.6, divergence="forward_kl")
@@ -118,9 +141,7 @@ def test_kd_loss_fwd_jsd_beta(beta, dtype):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_kd_loss_fwd_divergences_differ(divergence):
     # Each code reaches its own math: the three divergences give three different losses.
-    gen = torch.Generator().manual_seed(1)
-    student = torch.randn(4, 10, generator=gen, dtype=torch.float64)
-    teacher = torch.randn(4, 10, generator=gen, dtype=torch.float64)
+    student, teacher, _ = kd_inputs(1, 4, 10)
     losses = {d: kd_native(student, teacher, None, temperature=2.0, alpha=0.5, divergence=d)[0] for d in DIVERGENCES}
     others = [d for d in DIVERGENCES if d != divergence]
     assert all(not torch.allclose(losses[divergence], losses[o]) for o in others)
@@ -141,65 +162,48 @@ def test_kd_loss_fwd_strided_rows(divergence, dtype):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_kd_loss_fwd_extreme_logits(divergence, dtype):
-    gen = torch.Generator().manual_seed(3)
-    student = (1e4 * torch.randn(5, 50, generator=gen)).to(dtype)
-    teacher = (1e4 * torch.randn(5, 50, generator=gen)).to(dtype)
-    target = make_target(5, 50, "ignored", gen)
-    rows, grad = kd_native(student, teacher, target, temperature=4.0, alpha=0.8, divergence=divergence, beta=0.3)
-    ref_rows, ref_grad = kd_reference(student, teacher, target, temperature=4.0, alpha=0.8, divergence=divergence,
-                                      beta=0.3)
+    student, teacher, target = kd_inputs(3, 5, 50, dtype, "ignored", scale=1e4)
+    (rows, grad), reference = kd_native_and_reference(student, teacher, target, temperature=4.0, alpha=0.8,
+                                                      divergence=divergence, beta=0.3)
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
     # float32: q (h - S) cancels terms of the size of D (~1e4 here), so the gradient keeps ~1e-7 * D absolute.
-    grad_atol = 1e-9 if dtype == torch.float64 else 1e-7 * float(ref_rows.abs().max())
-    torch.testing.assert_close(rows.double(), ref_rows, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=grad_atol + 1e-5)
+    grad_atol = 1e-9 if dtype == torch.float64 else 1e-7 * float(reference[0].abs().max())
+    assert_rows_and_grad_close((rows, grad), reference,
+                               dict(rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6),
+                               dict(rtol=1e-4, atol=grad_atol + 1e-5))
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("kind", ["logits", "probs"])
 def test_kd_loss_fwd_zero_probability_teacher(divergence, kind):
     # -inf teacher logits / zero teacher probabilities: 0 * log 0 = 0; reverse_kl where p = 0 < q is +inf.
-    gen = torch.Generator().manual_seed(4)
-    student = torch.randn(6, 12, generator=gen, dtype=torch.float64)
-    logits = torch.randn(6, 12, generator=gen, dtype=torch.float64)
+    student, logits, _ = kd_inputs(4, 6, 12)
     logits[:, ::3] = -math.inf
     teacher = teacher_of(kind, logits)
     kw = dict(temperature=2.0, alpha=1.0, divergence=divergence, beta=0.3, teacher_kind=kind)
-    rows, grad = kd_native(student, teacher, None, **kw)
-    ref_rows, ref_grad = kd_reference(student, teacher, None, **kw)
+    (rows, grad), reference = kd_native_and_reference(student, teacher, None, **kw)
     if divergence == "reverse_kl":
-        assert torch.isposinf(rows).all() and torch.isposinf(ref_rows).all()
+        assert torch.isposinf(rows).all() and torch.isposinf(reference[0]).all()
         return
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(rows, ref_rows, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+    assert_rows_and_grad_close((rows, grad), reference, EXACT)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_kd_and_ensemble_with_one_term_only(divergence, alpha):
     # alpha 0: kd_coef = 0, the CE alone; alpha 1: ce_coef = 0, the divergence alone.
-    gen = torch.Generator().manual_seed(8)
-    student = torch.randn(5, 11, generator=gen, dtype=torch.float64)
-    stacked = torch.randn(2, 5, 11, generator=gen, dtype=torch.float64)
-    target = make_target(5, 11, "ignored", gen)
+    student, stacked, weights, target = ensemble_inputs(8, 2, 5, 11, "ignored")
     check_kd(student, stacked[0], target, torch.float64, temperature=2.0, alpha=alpha, divergence=divergence)
-    weights = torch.full((2, 5), 0.5, dtype=torch.float64)
     for mix in ("prob", "logit"):
-        kw = dict(mix=mix, temperature=2.0, alpha=alpha, divergence=divergence)
-        rows, grad = ensemble_native(student, stacked.unbind(0), weights, target, **kw)
-        ref_rows, ref_grad = reference_rows_and_grad(ensemble_kd_loss_reference, student, stacked, weights, target,
-                                                     ignore_index=IGNORE, **kw)
-        torch.testing.assert_close(rows, ref_rows, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+        assert_rows_and_grad_close(*ensemble_native_and_reference(
+            student, stacked.unbind(0), weights, target, mix=mix, temperature=2.0, alpha=alpha,
+            divergence=divergence), EXACT)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_kd_loss_fwd_all_ignored_rows(divergence):
-    gen = torch.Generator().manual_seed(6)
-    student = torch.randn(4, 9, generator=gen, dtype=torch.float64)
-    teacher = torch.randn(4, 9, generator=gen, dtype=torch.float64)
-    target = make_target(4, 9, "all_ignored", gen)
+    student, teacher, target = kd_inputs(6, 4, 9, target_mode="all_ignored")
     rows, grad = kd_native(student, teacher, target, temperature=2.0, alpha=0.5, divergence=divergence)
     assert torch.equal(rows, torch.zeros(4, dtype=torch.float64)) and torch.equal(grad, torch.zeros_like(student))
 
@@ -207,15 +211,11 @@ def test_kd_loss_fwd_all_ignored_rows(divergence):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_kd_loss_fwd_half_inputs(divergence, dtype):
-    gen = torch.Generator().manual_seed(7)
-    student = torch.randn(5, 40, generator=gen).to(dtype)
-    teacher = torch.randn(5, 40, generator=gen).to(dtype)
-    target = make_target(5, 40, "ignored", gen)
-    rows, grad = kd_native(student, teacher, target, temperature=2.0, alpha=0.7, divergence=divergence)
-    ref_rows, ref_grad = kd_reference(student, teacher, target, temperature=2.0, alpha=0.7, divergence=divergence)
+    student, teacher, target = kd_inputs(7, 5, 40, dtype, "ignored")
+    (rows, grad), reference = kd_native_and_reference(student, teacher, target, temperature=2.0, alpha=0.7,
+                                                      divergence=divergence)
     assert rows.dtype == torch.float32 and grad.dtype == dtype
-    torch.testing.assert_close(rows.double(), ref_rows, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-3)
+    assert_rows_and_grad_close((rows, grad), reference, dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-2, atol=1e-3))
 
 
 def test_kd_loss_fwd_without_grad_returns_an_empty_grad():
@@ -237,6 +237,14 @@ def ensemble_native(student, teachers, weights, target, *, mix, temperature, alp
                                                    ["prob", "logit"].index(mix), compute_grad)
 
 
+def ensemble_native_and_reference(student, teachers, weights, target, **kw):
+    """((rows, grad) of the C++ kernel, (rows, grad) of the float64 reference) for the same arguments."""
+    native = ensemble_native(student, teachers, weights, target, **kw)
+    reference = reference_rows_and_grad(ensemble_kd_loss_reference, student, torch.stack(list(teachers)).double(),
+                                        weights.double(), target, ignore_index=IGNORE, **kw)
+    return native, reference
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("target_mode", ["none", "ignored"])
 @pytest.mark.parametrize("mix", ["prob", "logit"])
@@ -251,28 +259,20 @@ def test_ensemble_kd_loss_fwd_matches_reference(divergence, mix, target_mode, dt
     weights[1, 0] = 0.0  # a teacher left out of one row
     weights = (weights / weights.sum(0)).to(torch.float64 if dtype == torch.float64 else torch.float32)
     target = make_target(n, C, target_mode, gen)
-    kw = dict(mix=mix, temperature=2.0, alpha=0.7, teacher_temperature=1.5, divergence=divergence, beta=0.3)
-    rows, grad = ensemble_native(student, stacked.unbind(0), weights, target, **kw)
-    ref_rows, ref_grad = reference_rows_and_grad(ensemble_kd_loss_reference, student, stacked.double(),
-                                                 weights.double(), target, ignore_index=IGNORE, **kw)
+    (rows, grad), reference = ensemble_native_and_reference(
+        student, stacked.unbind(0), weights, target, mix=mix, temperature=2.0, alpha=0.7, teacher_temperature=1.5,
+        divergence=divergence, beta=0.3)
     assert grad.dtype == dtype and grad.shape == student.shape
-    torch.testing.assert_close(rows.double(), ref_rows, **tolerances(dtype))
-    torch.testing.assert_close(grad.double(), ref_grad, **tolerances(dtype))
+    assert_rows_and_grad_close((rows, grad), reference, tolerances(dtype))
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 @pytest.mark.parametrize("mix", ["prob", "logit"])
 def test_ensemble_kd_loss_fwd_jsd_beta_edges(mix, beta):
-    gen = torch.Generator().manual_seed(12)
-    student = torch.randn(4, 21, generator=gen, dtype=torch.float64)
-    stacked = torch.randn(2, 4, 21, generator=gen, dtype=torch.float64)
-    weights = torch.full((2, 4), 0.5, dtype=torch.float64)
-    kw = dict(mix=mix, temperature=2.0, alpha=0.5, divergence="jsd", beta=beta)
-    rows, grad = ensemble_native(student, stacked.unbind(0), weights, None, **kw)
-    ref_rows, ref_grad = reference_rows_and_grad(ensemble_kd_loss_reference, student, stacked, weights, None,
-                                                 ignore_index=IGNORE, **kw)
-    torch.testing.assert_close(rows, ref_rows, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+    student, stacked, weights, _ = ensemble_inputs(12, 2, 4, 21)
+    assert_rows_and_grad_close(*ensemble_native_and_reference(
+        student, stacked.unbind(0), weights, None, mix=mix, temperature=2.0, alpha=0.5, divergence="jsd", beta=beta),
+        EXACT)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -284,22 +284,17 @@ def test_ensemble_kd_loss_fwd_extreme_logits_and_separate_teachers(mix, divergen
     teachers = [(1e4 * torch.randn(4, 45, generator=gen, dtype=torch.float64))[:, :30] for _ in range(2)]
     weights = torch.tensor([[0.25], [0.75]], dtype=torch.float64).expand(2, 4)  # stride 0 along N
     target = make_target(4, 30, "ignored", gen)
-    kw = dict(mix=mix, temperature=4.0, alpha=0.8, divergence=divergence, beta=0.3)
-    rows, grad = ensemble_native(student, teachers, weights, target, **kw)
-    ref_rows, ref_grad = reference_rows_and_grad(ensemble_kd_loss_reference, student, torch.stack(teachers),
-                                                 weights, target, ignore_index=IGNORE, **kw)
+    (rows, grad), reference = ensemble_native_and_reference(student, teachers, weights, target, mix=mix,
+                                                            temperature=4.0, alpha=0.8, divergence=divergence, beta=0.3)
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(rows, ref_rows, rtol=1e-9, atol=1e-6)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-9)
+    assert_rows_and_grad_close((rows, grad), reference, dict(rtol=1e-9, atol=1e-6), dict(rtol=1e-7, atol=1e-9))
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_ensemble_kd_loss_fwd_all_ignored_rows(divergence):
-    student = torch.randn(3, 8, dtype=torch.float64)
-    stacked = torch.randn(2, 3, 8, dtype=torch.float64)
-    target = torch.full((3,), IGNORE)
-    rows, grad = ensemble_native(student, stacked.unbind(0), torch.full((2, 3), 0.5, dtype=torch.float64), target,
-                                 mix="prob", temperature=2.0, alpha=0.5, divergence=divergence)
+    student, stacked, weights, target = ensemble_inputs(14, 2, 3, 8, "all_ignored")
+    rows, grad = ensemble_native(student, stacked.unbind(0), weights, target, mix="prob", temperature=2.0, alpha=0.5,
+                                 divergence=divergence)
     assert torch.equal(rows, torch.zeros(3, dtype=torch.float64)) and torch.equal(grad, torch.zeros_like(student))
 
 

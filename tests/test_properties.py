@@ -32,11 +32,6 @@ def _settings(backend):
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _grad_tol(dtype):
-    # The gradient is stored in the input dtype: its rounding dominates for 16-bit types.
-    return {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-
-
 def _close(actual, expected, rtol, atol, what):
     actual, expected = actual.double(), expected.double()
     finite = torch.isfinite(expected)
@@ -46,25 +41,46 @@ def _close(actual, expected, rtol, atol, what):
     assert bool((err <= bound).all()), f"{what}: max error {float(err.max()):.3g} (bound {float(bound.max()):.3g})"
 
 
+def _close_loss(loss, ref, kwargs, scale, c):
+    # Logits of size `scale` carry absolute rounding of about eps*scale into every log-probability; T^2 scales it.
+    tol = 1e-5 * (1 + scale / kwargs["temperature"]) * (1 + math.log(c + 1)) * (kwargs["temperature"] ** 2)
+    _close(loss.detach(), ref.detach(), 1e-4, tol, "loss")
+
+
+def _close_student_grad(grad, grad64, dtype):
+    # The gradient is stored in the input dtype: its rounding dominates for 16-bit types.
+    gtol = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    _close(grad, grad64, gtol, gtol * (1 + float(grad64.abs().max())), "grad")
+
+
+def _draw_dtype_scale_generator(draw, scales):
+    """An input dtype, a logit scale and a seeded torch generator, all drawn."""
+    dtype = draw(st.sampled_from(DTYPES))
+    scale = draw(st.sampled_from(scales))
+    return dtype, scale, torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+
+def _draw_target(draw, g, n, c):
+    """No target, or one with about a quarter of its rows ignored (-100)."""
+    if not draw(st.booleans()):
+        return None
+    target = torch.randint(0, c, (n,), generator=g)
+    target[torch.rand(n, generator=g) < 0.25] = -100
+    return target
+
+
 @st.composite
 def kd_cases(draw, max_c):
     n = draw(st.integers(1, 9))
     c = draw(st.integers(1, max_c))
-    dtype = draw(st.sampled_from(DTYPES))
-    scale = draw(st.sampled_from([1.0, 30.0, 1e4]))
-    seed = draw(st.integers(0, 2**31 - 1))
-    g = torch.Generator().manual_seed(seed)
+    dtype, scale, g = _draw_dtype_scale_generator(draw, [1.0, 30.0, 1e4])
     student = (torch.randn(n, c, generator=g) * scale).to(dtype)
     teacher = (torch.randn(n, c, generator=g) * scale).to(dtype)
     if draw(st.booleans()) and c > 1:  # -inf teacher entries (probability 0), never a whole row
         mask = torch.rand(n, c, generator=g) < 0.3
         mask[:, 0] = False
         teacher = teacher.masked_fill(mask, -math.inf)
-    with_target = draw(st.booleans())
-    target = None
-    if with_target:
-        target = torch.randint(0, c, (n,), generator=g)
-        target[torch.rand(n, generator=g) < 0.25] = -100
+    target = _draw_target(draw, g, n, c)
     if draw(st.booleans()):  # non-contiguous rows: a view into a wider buffer
         wide = torch.zeros(n, c + 3, dtype=dtype)
         wide[:, 1 : c + 1] = student
@@ -78,11 +94,6 @@ def kd_cases(draw, max_c):
     return student, teacher, target, kwargs, scale
 
 
-def _loss_tol(kwargs, scale, c):
-    # Logits of size `scale` carry absolute rounding of about eps*scale into every log-probability.
-    return 1e-5 * (1 + scale / kwargs["temperature"]) * (1 + math.log(c + 1))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kd_loss_matches_reference(backend):
     @_settings(backend)
@@ -93,13 +104,11 @@ def test_kd_loss_matches_reference(backend):
         loss = ued_fast.kd_loss(s, teacher, target, backend=backend, **kwargs)
         s64 = student.detach().double().requires_grad_(True)
         ref = kd_loss_reference(s64, teacher.double(), target, **kwargs)
-        tol = _loss_tol(kwargs, scale, student.shape[1]) * (kwargs["temperature"] ** 2)
-        _close(loss.detach(), ref.detach(), 1e-4, tol, "loss")
+        _close_loss(loss, ref, kwargs, scale, student.shape[1])
         g = torch.randn(ref.shape, dtype=torch.float64) if ref.dim() else torch.tensor(0.7, dtype=torch.float64)
         (loss * g.to(loss.dtype)).sum().backward()
         (ref * g).sum().backward()
-        gtol = _grad_tol(student.dtype)
-        _close(s.grad, s64.grad, gtol, gtol * (1 + float(s64.grad.abs().max())), "grad")
+        _close_student_grad(s.grad, s64.grad, student.dtype)
         assert s.grad.dtype == student.dtype
 
     check()
@@ -110,9 +119,7 @@ def ensemble_cases(draw, max_c):
     n = draw(st.integers(1, 7))
     c = draw(st.integers(1, max_c))
     k = draw(st.integers(1, 6))
-    dtype = draw(st.sampled_from(DTYPES))
-    scale = draw(st.sampled_from([1.0, 30.0, 1e4]))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    dtype, scale, g = _draw_dtype_scale_generator(draw, [1.0, 30.0, 1e4])
     student = (torch.randn(n, c, generator=g) * scale).to(dtype)
     teachers = (torch.randn(k, n, c, generator=g) * scale).to(dtype)
     weights = None
@@ -121,10 +128,7 @@ def ensemble_cases(draw, max_c):
         shape = (k,) if kind == "k" else (k, n)
         weights = torch.rand(shape, generator=g)
         weights[0] += 0.1  # no column sums to zero
-    target = None
-    if draw(st.booleans()):
-        target = torch.randint(0, c, (n,), generator=g)
-        target[torch.rand(n, generator=g) < 0.25] = -100
+    target = _draw_target(draw, g, n, c)
     kwargs = dict(
         mix=draw(st.sampled_from(["prob", "logit"])),
         temperature=draw(st.sampled_from([0.5, 1.0, 4.0, 20.0])),
@@ -148,12 +152,10 @@ def test_ensemble_kd_loss_matches_reference(backend):
         s64 = student.detach().double().requires_grad_(True)
         w64 = None if weights is None else weights.double()
         ref = ensemble_kd_loss_reference(s64, teachers.double(), w64, target, **kwargs)
-        tol = _loss_tol(kwargs, scale, student.shape[1]) * (kwargs["temperature"] ** 2)
-        _close(loss.detach(), ref.detach(), 1e-4, tol, "loss")
+        _close_loss(loss, ref, kwargs, scale, student.shape[1])
         loss.sum().backward()
         ref.sum().backward()
-        gtol = _grad_tol(student.dtype)
-        _close(s.grad, s64.grad, gtol, gtol * (1 + float(s64.grad.abs().max())), "grad")
+        _close_student_grad(s.grad, s64.grad, student.dtype)
 
     check()
 
@@ -182,9 +184,7 @@ def heads_cases(draw):
     width = max(len(s) for s in cover) + (1 if mode == "prob_mean" else 0) + draw(st.integers(0, 2))
     d = draw(st.integers(1, 9))
     n = draw(st.integers(1, 8))
-    dtype = draw(st.sampled_from(DTYPES))
-    scale = draw(st.sampled_from([1.0, 10.0, 300.0]))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    dtype, scale, g = _draw_dtype_scale_generator(draw, [1.0, 10.0, 300.0])
     layout_nkd = draw(st.booleans())
     features = torch.randn(n, k * d, generator=g).to(dtype)
     weight = (torch.randn(k, d, width, generator=g) * scale / math.sqrt(d)).to(dtype)

@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ued_fast.sparse_teacher as st
 from ued_fast.reference import kd_loss_reference
 from ued_fast.sparse_teacher import sparse_kd_loss, sparse_kd_loss_reference
+
+from conftest import TensorSizeWatch
 
 IGNORE = -100
 CASES = [("zero", "forward_kl"), ("zero", "jsd"), ("symmetric_uniform", "forward_kl"),
@@ -322,27 +323,6 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-6)
 
 
-class _NewLargeStorages(TorchDispatchMode):
-    """Counts distinct storages of the tensors ops return with at least `numel` elements (views and
-    in-place results share their storage and count once)."""
-
-    def __init__(self, numel):
-        super().__init__()
-        self.numel = numel
-        self.storages = set()
-        self.largest_other = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                if t.numel() >= self.numel:
-                    self.storages.add(t.untyped_storage().data_ptr())
-                else:
-                    self.largest_other = max(self.largest_other, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("convention,divergence", CASES)
 def test_no_dense_teacher_only_the_gradient_is_n_by_c(monkeypatch, convention, divergence):
     """Forward makes one tensor of N x C elements (the gradient it keeps), backward one (the student's
@@ -351,14 +331,14 @@ def test_no_dense_teacher_only_the_gradient_is_n_by_c(monkeypatch, convention, d
     monkeypatch.setattr(st, "BLOCK_ELEMENTS", block_rows * c)
     student, indices, values, target = make_case(n=n, c=c, k=k, dtype=torch.float32, pad=1, ignored=(3,))
     student.requires_grad_()
-    with _NewLargeStorages(n * c) as forward:
+    with TensorSizeWatch(n * c) as forward:
         loss = sparse_kd_loss(student, indices, values, target, convention=convention, divergence=divergence,
                               temperature=2.0)
-    with _NewLargeStorages(n * c) as backward:
+    with TensorSizeWatch(n * c) as backward:
         loss.backward()
     assert len(forward.storages) == 1 and len(backward.storages) == 1
     assert forward.largest_other <= max(block_rows * c, n * (k + 1)) < n * c
     # The reference, by contrast, makes several (it is the spec, not the fast path): the count can fail.
-    with _NewLargeStorages(n * c) as dense:
+    with TensorSizeWatch(n * c) as dense:
         sparse_kd_loss_reference(student, indices, values, target, convention=convention, divergence=divergence)
     assert len(dense.storages) > 1

@@ -12,18 +12,15 @@ import pytest
 import torch
 
 import ued_fast
+from conftest import IGNORE_INTERPRETER_WARNINGS, triton_device_or_skip_module
 from ued_fast.reference import DIVERGENCES, ensemble_kd_loss_reference, kd_loss_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if "triton" not in ued_fast.available_backends(DEVICE):
-    pytest.skip("Triton backend not available here (on CPU it needs TRITON_INTERPRET=1)",
-                allow_module_level=True)
+DEVICE = triton_device_or_skip_module()
 
 from ued_fast.kernels.ensemble_kd_loss import ensemble_kd_loss_fwd  # noqa: E402
 from ued_fast.kernels.kd_loss import kd_loss_fwd  # noqa: E402
 
-# The interpreter evaluates masked-out lanes too (exp(-inf - -inf) and the like): numpy warns.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = IGNORE_INTERPRETER_WARNINGS
 
 KIND_NAMES = ("logits", "log_probs", "probs")
 IGNORE = -100
@@ -76,11 +73,20 @@ def _strided_target(n, c, gen):
     return y
 
 
+def _student_and_teacher(seed, n, c, kind):
+    """A float32 student with strided rows and a teacher of `kind`, [n, c] each, from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return _strided_rows(n, c, gen), _teacher(n, c, kind, gen)
+
+
 def _kd_case(n, c, kind, divergence, beta, *, target=True, path="small", dtype=torch.float32, seed=0,
-             temperature=2.0, teacher_temperature=3.0, alpha=0.7, s=None, t=None, loss_rtol=2e-5, chunk=None):
+             temperature=2.0, teacher_temperature=3.0, alpha=0.7, s=None, t=None, edit_teacher=None, loss_rtol=2e-5,
+             chunk=None):
+    """kd_loss_fwd on one case against the float64 reference; edit_teacher(t) alters the drawn teacher."""
     gen = torch.Generator().manual_seed(seed)
     s = _strided_rows(n, c, gen, dtype) if s is None else s
     t = _teacher(n, c, kind, gen) if t is None else t
+    t = t if edit_teacher is None else edit_teacher(t)
     y = _strided_target(n, c, gen) if target else None
     kd_coef, ce_coef = (alpha * temperature**2, 1.0 - alpha) if target else (temperature**2, 0.0)
     launch = dict(PATHS[path])
@@ -129,9 +135,8 @@ def test_kd_jsd_beta(beta, path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("divergence", [0, 1, 2])
 def test_kd_16bit_inputs(divergence, dtype, path):
-    gen = torch.Generator().manual_seed(divergence)
-    t = _teacher(4, 33, 0, gen).to(dtype)
-    _kd_case(4, 33, 0, divergence, 0.3, path=path, dtype=dtype, t=t, seed=divergence, loss_rtol=1e-4)
+    _kd_case(4, 33, 0, divergence, 0.3, path=path, dtype=dtype, edit_teacher=lambda t: t.to(dtype), seed=divergence,
+             loss_rtol=1e-4)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -150,17 +155,15 @@ def test_kd_extreme_logits(divergence, path):
 @pytest.mark.parametrize("kind", [0, 2])
 def test_kd_zero_teacher_entries(kind, divergence, path):
     """-inf teacher logits / zero teacher probabilities: 0 * log 0 = 0 for forward_kl and jsd."""
-    gen = torch.Generator().manual_seed(kind)
-    t = _teacher(4, 17, kind, gen)
-    t[:, ::3] = float("-inf") if kind == 0 else 0.0
-    rows, grad = _kd_case(4, 17, kind, divergence, 0.4, path=path, t=t, seed=kind)
+    zero = -math.inf if kind == 0 else 0.0
+    rows, grad = _kd_case(4, 17, kind, divergence, 0.4, path=path, seed=kind,
+                          edit_teacher=lambda t: t.index_fill(1, torch.arange(0, 17, 3), zero))
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_kd_reverse_kl_is_inf_where_the_teacher_is_zero(path):
-    gen = torch.Generator().manual_seed(1)
-    s, t = _strided_rows(3, 17, gen), _teacher(3, 17, 2, gen)
+    s, t = _student_and_teacher(1, 3, 17, kind=2)
     t[0, 4] = 0.0  # row 0: p = 0 < q
     rows, _ = kd_loss_fwd(s, t, None, 0.5, 0.5, 1.0, 0.0, 1, 0.5, IGNORE, 2, True, **PATHS[path])
     assert rows[0].item() == math.inf
@@ -172,8 +175,7 @@ def test_kd_reverse_kl_is_inf_where_the_teacher_is_zero(path):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("divergence", [0, 1, 2])
 def test_kd_all_rows_ignored(divergence, path):
-    gen = torch.Generator().manual_seed(2)
-    s, t = _strided_rows(3, 17, gen), _teacher(3, 17, 0, gen)
+    s, t = _student_and_teacher(2, 3, 17, kind=0)
     y = torch.full((3,), IGNORE)
     rows, grad = kd_loss_fwd(s, t, y, 0.5, 0.5, 2.8, 0.3, divergence, 0.5, IGNORE, 0, True, **PATHS[path])
     assert not rows.any() and not grad.any()
@@ -181,8 +183,7 @@ def test_kd_all_rows_ignored(divergence, path):
 
 def test_kd_divergences_differ():
     """The divergence code reaches the kernel: three different losses on the same inputs."""
-    gen = torch.Generator().manual_seed(5)
-    s, t = _strided_rows(2, 9, gen), _teacher(2, 9, 0, gen)
+    s, t = _student_and_teacher(5, 2, 9, kind=0)
     losses = [kd_loss_fwd(s, t, None, 1.0, 1.0, 1.0, 0.0, d, 0.5, IGNORE, 0, False)[0] for d in (0, 1, 2)]
     assert not torch.allclose(losses[0], losses[1]) and not torch.allclose(losses[1], losses[2])
 
