@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ued_fast.sparse_teacher import sparse_kd_loss, sparse_kd_loss_reference
+from ued_fast.ops.sparse_kd_loss import sparse_kd_loss, sparse_kd_loss_reference
 
 SHAPES = [(512, 100, 8), (4096, 1000, 32), (1024, 32000, 64)]
 IMPLS = ["sparse", "eager", "compiled"]

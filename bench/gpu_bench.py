@@ -417,7 +417,7 @@ def bench_divergences(res: Results, timer: Timer, device, dry_run: bool):
 # ----------------------------------------------------------------------------------------------
 # a sparse (top-k) teacher: no dense teacher tensor
 def bench_sparse(res: Results, timer: Timer, device, dry_run: bool):
-    from ued_fast.sparse_teacher import sparse_kd_loss, sparse_kd_loss_reference
+    from ued_fast.ops.sparse_kd_loss import sparse_kd_loss, sparse_kd_loss_reference
 
     compiled_ref = compile_fn(sparse_kd_loss_reference)
     for n, c, k in DRY_SPARSE_CASES if dry_run else SPARSE_CASES:

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ued_fast.sparse_teacher as st
+import ued_fast.ops.sparse_kd_loss as st
 from ued_fast.reference import kd_loss_reference
-from ued_fast.sparse_teacher import sparse_kd_loss, sparse_kd_loss_reference
+from ued_fast.ops.sparse_kd_loss import sparse_kd_loss, sparse_kd_loss_reference
 
 from conftest import TensorSizeWatch
 

@@ -9,7 +9,7 @@ from .ops._checks import set_input_checks
 from .ops.kd_loss import KDLoss, kd_loss
 from .presets import PRESET_DIFFERENCES, PRESETS, preset_kwargs
 from .reference import ensemble_kd_loss_reference, grouped_heads_reference, kd_loss_reference
-from .sparse_teacher import sparse_kd_loss, sparse_kd_loss_reference
+from .ops.sparse_kd_loss import sparse_kd_loss, sparse_kd_loss_reference
 
 _load_extension()
 

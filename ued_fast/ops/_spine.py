@@ -1,4 +1,4 @@
-"""The op spine: what every fused op shares (DESIGN 2.0).
+"""The op spine: what every fused op shares (docs/DESIGN.md 2).
 
 - BACKEND_TABLE and resolve_backend: which backends an op has, their limits, and the one rule that
   picks a backend for a call (a constant under torch.compile).

@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .ops import _checks
-from .ops._spine import reduction_scale
-from .reference import DIVERGENCES, REDUCTIONS, _reduce, compute_dtype, divergence_rows
+from . import _checks
+from ._spine import reduction_scale
+from ..reference import DIVERGENCES, REDUCTIONS, _reduce, compute_dtype, divergence_rows
 
 OP = "sparse_kd_loss"
 CONVENTIONS = ("zero", "symmetric_uniform")
