@@ -45,17 +45,26 @@ def _meta(torch, shape, dtype, stride=None):
     return t if stride is None else t.as_strided(shape, stride)
 
 
+def _label(op, **fields):
+    """'op name=value ...', the line that names a dispatch (flags as 0 / 1)."""
+    return " ".join([op] + [f"{name}={int(v) if isinstance(v, bool) else v}" for name, v in fields.items()])
+
+
+def _meta_target(torch, n, target):
+    return _meta(torch, (n,), "int64") if target else None
+
+
 def kd_loss_cases(torch):
     from kernels import kd_loss as kd
 
     def case(s_dt, t_dt, n, c, target=True, grad=True, kind=0, divergence=0):
-        label = (f"kd_loss s={s_dt} t={t_dt} N={n} C={c} target={int(target)} grad={int(grad)} kind={kind} "
-                 f"divergence={DIVERGENCES[divergence]}")
+        label = _label("kd_loss", s=s_dt, t=t_dt, N=n, C=c, target=target, grad=grad, kind=kind,
+                       divergence=DIVERGENCES[divergence])
 
         def run():
             s = _meta(torch, (n, c), s_dt)
             t = _meta(torch, (n, c), t_dt)
-            y = _meta(torch, (n,), "int64") if target else None
+            y = _meta_target(torch, n, target)
             # temperature 2, alpha 0.5, t2_scale: the contract's host coefficients
             kd.kd_loss_fwd(s, t, y, 0.5, 0.5, 2.0 if target else 4.0, 0.5 if target else 0.0, divergence, 0.5,
                            -100, kind, grad)
@@ -94,14 +103,14 @@ def ensemble_cases(torch):
     from kernels import ensemble_kd_loss as ens
 
     def case(dt, n, c, k, mix=0, target=True, grad=True, alpha=0.5, divergence=0):
-        label = (f"ensemble s={dt} N={n} C={c} K={k} mix={'prob' if mix == 0 else 'logit'} target={int(target)} "
-                 f"grad={int(grad)} alpha={alpha} divergence={DIVERGENCES[divergence]}")
+        label = _label("ensemble", s=dt, N=n, C=c, K=k, mix="prob" if mix == 0 else "logit", target=target,
+                       grad=grad, alpha=alpha, divergence=DIVERGENCES[divergence])
 
         def run():
             s = _meta(torch, (n, c), dt)
             t = _meta(torch, (n, k, c), dt).permute(1, 0, 2)  # [K, N, C] view of [N, K, C], as the ops pass
             w = _meta(torch, (k, 1), F32).expand(k, n)
-            y = _meta(torch, (n,), "int64") if target else None
+            y = _meta_target(torch, n, target)
             # temperature 2, t2_scale: the contract's host coefficients
             kd_coef, ce_coef = (4.0 * alpha, 1.0 - alpha) if target else (4.0, 0.0)
             ens.ensemble_kd_loss_fwd(s, t, w, y, 0.5, 0.5, kd_coef, ce_coef, divergence, 0.5, -100, mix, grad)
@@ -150,7 +159,7 @@ def grouped_heads_cases(torch):
 
     def case(dt, n, shape, mode, layout):
         k, d, c, per_head, max_count = shape
-        label = f"grouped_heads x={dt} N={n} K={k} D={d} C={c} mode={mode} layout={layout}"
+        label = _label("grouped_heads", x=dt, N=n, K=k, D=d, C=c, mode=mode, layout=layout)
         width = per_head + mode  # prob_mean has the 'other' output
 
         def run():

@@ -247,21 +247,13 @@ void run_rows(const Params<acc_t>& P, const scalar_t* student, int64_t s_stride,
 
 constexpr const char* kOp = "ensemble_kd_loss_fwd";
 
-void check_args(const at::Tensor& student, at::TensorList teachers, const at::Tensor& weights,
-                const std::optional<at::Tensor>& target, double inv_student_temp, double inv_teacher_temp,
-                double kd_coef, double ce_coef, int64_t divergence, double beta, int64_t mix) {
-  check_ensemble(kOp, student, teachers, weights, mix);
-  check_kd_coefficients(kOp, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence, beta);
-  check_target(kOp, target, student);
-}
-
 // The CPU kernel; on meta tensors (torch.compile tracing, opcheck) the output shapes and dtypes only.
 std::tuple<at::Tensor, at::Tensor> ensemble_kd_loss_fwd_cpu(
     const at::Tensor& student, at::TensorList teachers, const at::Tensor& weights,
     const std::optional<at::Tensor>& target, double inv_student_temp, double inv_teacher_temp, double kd_coef,
     double ce_coef, int64_t divergence, double beta, int64_t ignore_index, int64_t mix, bool compute_grad) {
-  check_args(student, teachers, weights, target, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence,
-             beta, mix);
+  check_ensemble_kd_loss_args(kOp, student, teachers, weights, target, inv_student_temp, inv_teacher_temp, kd_coef,
+                              ce_coef, divergence, beta, mix);
   if (student.is_meta()) return kd_outputs(student, compute_grad, acc_dtype(student.scalar_type()));
   TORCH_CHECK_VALUE(student.device().is_cpu(), kOp, ": the CPU kernel takes CPU tensors only");
   cpu::check_cpu_supports_build();

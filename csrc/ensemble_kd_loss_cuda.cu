@@ -256,9 +256,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_kd_loss_fwd_cuda(
     double ce_coef, int64_t divergence, double beta, int64_t ignore_index, int64_t mix, bool compute_grad) {
   using namespace ens_kd_cuda;
   constexpr const char* kOp = "ensemble_kd_loss_fwd (cuda)";
-  check_ensemble(kOp, student, teachers, weights, mix);
-  check_kd_coefficients(kOp, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence, beta);
-  check_target(kOp, target, student);
+  check_ensemble_kd_loss_args(kOp, student, teachers, weights, target, inv_student_temp, inv_teacher_temp, kd_coef,
+                              ce_coef, divergence, beta, mix);
   TORCH_CHECK_VALUE(student.is_cuda(), kOp, ": student must be a CUDA tensor");
   const int64_t N = student.size(0), C = student.size(1);
   const int64_t K = static_cast<int64_t>(teachers.size());

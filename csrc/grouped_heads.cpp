@@ -334,9 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cpu(
     });
   });
 
-  at::Tensor grad_features = at::empty({0}, features.options());
-  at::Tensor grad_weight = at::empty({0}, weight.options());
-  at::Tensor grad_bias = at::empty({0}, weight.options());
+  auto [grad_features, grad_weight, grad_bias] = empty_head_grads(features, weight);
   if (need_features) {
     // Padding columns may hold anything (even NaN): zero them so 0 * garbage cannot leak.
     std::vector<int64_t> real(tab.sizes);

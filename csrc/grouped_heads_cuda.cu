@@ -234,9 +234,16 @@ __global__ void grad_heads_kernel(const scalar_t* __restrict__ g, const acc_t* _
   }
 }
 
-void check_cuda_inputs(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
-                       const at::Tensor& cover_index, const at::Tensor& class_ptr,
-                       const at::Tensor& class_entries) {
+// The sizes of a checked call: K heads of D features and W outputs, C classes, N rows, and the
+// features as a [K, N, D] view.
+struct HeadsShape {
+  int64_t K, D, W, C, N;
+  at::Tensor hv;
+};
+
+HeadsShape check_cuda_inputs(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& cover_index, const at::Tensor& class_ptr,
+                             const at::Tensor& class_entries) {
   for (const auto* t : {&features, &weight, &bias, &cover_index, &class_ptr, &class_entries}) {
     TORCH_CHECK(t->is_cuda() && t->device() == features.device(),
                 "grouped_heads: every tensor must be on the features' CUDA device");
@@ -251,6 +258,9 @@ void check_cuda_inputs(const at::Tensor& features, const at::Tensor& weight, con
   TORCH_CHECK((features.dim() == 2 && features.size(1) == K * D) ||
                   (features.dim() == 3 && features.size(0) == K && features.size(2) == D),
               "grouped_heads: features must be [N, K*D] or [K, N, D]");
+  at::Tensor hv = heads_view(features, K, D);
+  const int64_t N = hv.size(1);
+  return {K, D, weight.size(2), class_ptr.size(0) - 1, N, std::move(hv)};
 }
 
 constexpr int64_t kGridYMax = 65535;
@@ -281,12 +291,11 @@ std::tuple<at::Tensor, at::Tensor> grouped_heads_fwd_cuda(
     const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& cover_index, const at::Tensor& class_ptr, const at::Tensor& class_entries,
     int64_t mode) {
-  check_cuda_inputs(features, weight, bias, cover_index, class_ptr, class_entries);
+  const HeadsShape shape = check_cuda_inputs(features, weight, bias, cover_index, class_ptr, class_entries);
+  const int64_t K = shape.K, D = shape.D, W = shape.W, C = shape.C, N = shape.N;
+  const at::Tensor& hv = shape.hv;
   const c10::cuda::CUDAGuard guard(features.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t K = weight.size(0), D = weight.size(1), W = weight.size(2), C = class_ptr.size(0) - 1;
-  const at::Tensor hv = heads_view(features, K, D);
-  const int64_t N = hv.size(1);
   at::Tensor out = at::empty({N, C}, features.options());
   if (mode != kProbMean) {
     const int64_t class_tiles = (C + kTileC - 1) / kTileC, row_tiles = (N + kTileN - 1) / kTileN;
@@ -321,13 +330,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& features, const at::Tensor& weight, const at::Tensor& saved,
     const at::Tensor& cover_index, const at::Tensor& class_ptr, const at::Tensor& class_entries, int64_t mode,
     bool need_features, bool need_params) {
-  check_cuda_inputs(features, weight, weight, cover_index, class_ptr, class_entries);
+  const HeadsShape shape = check_cuda_inputs(features, weight, weight, cover_index, class_ptr, class_entries);
   TORCH_CHECK(grad_out.is_cuda() && grad_out.dim() == 2, "grouped_heads: grad_out must be a [N, C] CUDA tensor");
+  const int64_t K = shape.K, D = shape.D, W = shape.W, C = shape.C, N = shape.N;
   const c10::cuda::CUDAGuard guard(features.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t K = weight.size(0), D = weight.size(1), W = weight.size(2), C = class_ptr.size(0) - 1;
-  const at::Tensor hv = heads_view(features, K, D);
-  const int64_t N = hv.size(1);
   const auto acc = acc_dtype(features.scalar_type());
   const at::Tensor g = grad_out.to(features.scalar_type());
   at::Tensor gu = at::empty({K, N, W}, features.options().dtype(acc));
@@ -347,9 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cuda(
         N, W, K, C, g.stride(0), g.stride(1), mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  at::Tensor grad_features = at::empty({0}, features.options());
-  at::Tensor grad_weight = at::empty({0}, weight.options());
-  at::Tensor grad_bias = at::empty({0}, weight.options());
+  auto [grad_features, grad_weight, grad_bias] = empty_head_grads(features, weight);
   if (need_features) {
     // Padding columns may hold anything (even NaN): zero them so that 0 * garbage cannot leak.
     const at::Tensor real = sizes + (mode == kProbMean ? 1 : 0);
@@ -359,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_heads_bwd_cuda(
                                         : gh.transpose(0, 1).reshape({N, K * D}).to(features.scalar_type());
   }
   if (need_params) {
-    grad_weight = at::bmm(hv.to(acc).transpose(1, 2), gu).to(weight.scalar_type());
+    grad_weight = at::bmm(shape.hv.to(acc).transpose(1, 2), gu).to(weight.scalar_type());
     grad_bias = gu.sum(1).to(weight.scalar_type());
   }
   return {grad_features, grad_weight, grad_bias};

@@ -244,22 +244,14 @@ void kd_loss_rows(const student_t* student, const teacher_t* teacher, const Para
 
 constexpr const char* kOp = "kd_loss_fwd";
 
-void check_args(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
-                double inv_student_temp, double inv_teacher_temp, double kd_coef, double ce_coef, int64_t divergence,
-                double beta, int64_t teacher_kind) {
-  check_kd_pair(kOp, student, teacher, teacher_kind);
-  check_kd_coefficients(kOp, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence, beta);
-  check_target(kOp, target, student);
-}
-
 // The CPU kernel; on meta tensors (torch.compile tracing, opcheck) the output shapes and dtypes only.
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                    const std::optional<at::Tensor>& target_in,
                                                    double inv_student_temp, double inv_teacher_temp, double kd_coef,
                                                    double ce_coef, int64_t divergence, double beta,
                                                    int64_t ignore_index, int64_t teacher_kind, bool compute_grad) {
-  check_args(student_in, teacher_in, target_in, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence,
-             beta, teacher_kind);
+  check_kd_loss_args(kOp, student_in, teacher_in, target_in, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef,
+                     divergence, beta, teacher_kind);
   if (student_in.is_meta()) return kd_outputs(student_in, compute_grad, acc_dtype(student_in.scalar_type()));
   TORCH_CHECK_VALUE(student_in.device().is_cpu(), "kd_loss_fwd: the CPU kernel takes CPU tensors only");
   cpu::check_cpu_supports_build();

@@ -364,6 +364,14 @@ kd_loss_warp_kernel(const KdParams p) {
 
 // ---- block per row: online softmax over VEC-wide chunks, then a gradient pass ----
 
+// One step of a block-kernel sweep: f(r, i) for the thread's kBlockUnroll vectors
+// i = base + r * kBlockThreads (i may pass the end), unrolled so that their loads issue together.
+template <typename F>
+__device__ __forceinline__ void for_each_unrolled(int64_t base, F&& f) {
+#pragma unroll
+  for (int r = 0; r < kBlockUnroll; ++r) f(r, base + int64_t(r) * kBlockThreads);
+}
+
 // VEC: classes per load (16 bytes of the wider input dtype), or 1 for the unaligned fallback.
 template <typename S, typename Tt, int VEC>
 __global__ void __launch_bounds__(kBlockThreads, kBlockMinBlocksPerSm)
@@ -398,9 +406,7 @@ kd_loss_block_kernel(const KdParams p) {
   RowStats st = empty_stats();
   for (int64_t base = v_begin + threadIdx.x; base < v_end; base += int64_t(kBlockThreads) * kBlockUnroll) {
     float s[kChunk], u[kChunk];
-#pragma unroll
-    for (int r = 0; r < kBlockUnroll; ++r) {
-      const int64_t i = base + int64_t(r) * kBlockThreads;
+    for_each_unrolled(base, [&](int r, int64_t i) {
       float sv[VEC], tv[VEC];
       if (i < v_end) {
         load_vec<S, VEC>(s_row + i * VEC, sv);
@@ -416,7 +422,7 @@ kd_loss_block_kernel(const KdParams p) {
         s[r * VEC + k] = sv[k];
         u[r * VEC + k] = tv[k];
       }
-    }
+    });
     float cm_u, cm_s;
     array_max(u, s, cm_u, cm_s);
     if (cm_u > st.m_u || cm_s > st.m_s)  // rare after the first chunks: rescale only then
@@ -463,17 +469,13 @@ kd_loss_block_kernel(const KdParams p) {
   // Pass 2: re-read the row (L2-resident if the resident rows fit) and write the gradient.
   for (int64_t base = v_begin + threadIdx.x; base < v_end; base += int64_t(kBlockThreads) * kBlockUnroll) {
     float s[kBlockUnroll][VEC], t[kBlockUnroll][VEC];
-#pragma unroll
-    for (int r = 0; r < kBlockUnroll; ++r) {
-      const int64_t i = base + int64_t(r) * kBlockThreads;
+    for_each_unrolled(base, [&](int r, int64_t i) {
       if (i < v_end) {
         load_vec<S, VEC, true>(s_row + i * VEC, s[r]);
         load_vec<Tt, VEC, true>(t_row + i * VEC, t[r]);
       }
-    }
-#pragma unroll
-    for (int r = 0; r < kBlockUnroll; ++r) {
-      const int64_t i = base + int64_t(r) * kBlockThreads;
+    });
+    for_each_unrolled(base, [&](int r, int64_t i) {
       if (i < v_end) {
         float g[VEC];
 #pragma unroll
@@ -481,7 +483,7 @@ kd_loss_block_kernel(const KdParams p) {
           g[k] = grad_element(p, nrm, teacher_log_units(t[r][k], p.teacher_kind), s[r][k], i * VEC + k == tg.y, div.s);
         store_vec<S, VEC>(grad_row + i * VEC, g);
       }
-    }
+    });
   }
 }
 
@@ -587,9 +589,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
     double inv_student_temp, double inv_teacher_temp, double kd_coef, double ce_coef, int64_t divergence, double beta,
     int64_t ignore_index, int64_t teacher_kind, bool compute_grad) {
   constexpr const char* kOp = "kd_loss_fwd (cuda)";
-  check_kd_pair(kOp, student, teacher, teacher_kind);
-  check_kd_coefficients(kOp, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence, beta);
-  check_target(kOp, target, student);
+  check_kd_loss_args(kOp, student, teacher, target, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence,
+                     beta, teacher_kind);
   TORCH_CHECK_VALUE(student.is_cuda(), kOp, ": student and teacher must be CUDA tensors");
   const int64_t N = student.size(0), C = student.size(1);
   TORCH_CHECK_VALUE(C <= INT32_MAX && N <= INT32_MAX, kOp, ": shape too large: ", student.sizes());

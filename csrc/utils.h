@@ -101,6 +101,26 @@ inline void check_ensemble(const char* op, const at::Tensor& student, at::Tensor
   TORCH_CHECK_VALUE(mix == kMixProb || mix == kMixLogit, op, ": mix must be 0 (prob) or 1 (logit), got ", mix);
 }
 
+// Every argument check of a kd_loss_fwd call, the same for its CPU and CUDA kernels.
+inline void check_kd_loss_args(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                               const std::optional<at::Tensor>& target, double inv_student_temp,
+                               double inv_teacher_temp, double kd_coef, double ce_coef, int64_t divergence,
+                               double beta, int64_t teacher_kind) {
+  check_kd_pair(op, student, teacher, teacher_kind);
+  check_kd_coefficients(op, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence, beta);
+  check_target(op, target, student);
+}
+
+// Every argument check of an ensemble_kd_loss_fwd call, the same for its CPU and CUDA kernels.
+inline void check_ensemble_kd_loss_args(const char* op, const at::Tensor& student, at::TensorList teachers,
+                                        const at::Tensor& weights, const std::optional<at::Tensor>& target,
+                                        double inv_student_temp, double inv_teacher_temp, double kd_coef,
+                                        double ce_coef, int64_t divergence, double beta, int64_t mix) {
+  check_ensemble(op, student, teachers, weights, mix);
+  check_kd_coefficients(op, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence, beta);
+  check_target(op, target, student);
+}
+
 // (row_loss [N] in the accumulation dtype, grad [N, C] in the student's dtype or empty).
 inline std::tuple<at::Tensor, at::Tensor> kd_outputs(const at::Tensor& student, bool compute_grad,
                                                      at::ScalarType loss_dtype) {
@@ -112,6 +132,12 @@ inline std::tuple<at::Tensor, at::Tensor> kd_outputs(const at::Tensor& student, 
 // grouped_heads: features [N, K*D] or [K, N, D] -> a [K, N, D] view (no copy).
 inline at::Tensor heads_view(const at::Tensor& features, int64_t K, int64_t D) {
   return features.dim() == 3 ? features : features.unflatten(1, {K, D}).transpose(0, 1);
+}
+
+// grouped_heads backward: (grad_features, grad_weight, grad_bias), each empty until it is asked for.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_head_grads(const at::Tensor& features,
+                                                                       const at::Tensor& weight) {
+  return {at::empty({0}, features.options()), at::empty({0}, weight.options()), at::empty({0}, weight.options())};
 }
 
 }  // namespace ued_fast

@@ -79,6 +79,16 @@ def _logit_mean_fwd_kernel(
 
 
 @triton.jit
+def _row_head_tile(N, BLOCK_N: tl.constexpr, BLOCK_X: tl.constexpr):
+    """This program's tile on the grid (row tiles, column tiles, K heads): its head k, its rows (int64:
+    row * stride can pass 2**31) with their mask, and its columns."""
+    k = tl.program_id(2).to(tl.int64)
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
+    return k, offs_n, offs_n < N, offs_x
+
+
+@triton.jit
 def _head_gemm_kernel(
     h_ptr, w_ptr, b_ptr, u_ptr,
     N, D, W,
@@ -86,12 +96,7 @@ def _head_gemm_kernel(
     DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """u[k, n, w] = h_k[n] . W_k[:, w] + b_k[w], float32 [K, N, W] contiguous."""
-    pid_n = tl.program_id(0)
-    pid_w = tl.program_id(1)
-    k = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask_n = offs_n < N
+    k, offs_n, mask_n, offs_w = _row_head_tile(N, BLOCK_N, BLOCK_W)
     mask_w = offs_w < W
     acc = _head_dot(tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32), h_ptr + k * s_hk, w_ptr + k * s_wk, offs_n,
                     mask_n, offs_w, mask_w, D, s_hn, s_hd, s_wd, s_ww, DOT_DTYPE, BLOCK_D)
@@ -262,13 +267,8 @@ def _grad_features_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """grad_h[k, n, d] = sum over real outputs j of gu[k, n, j] * W[k, d, j] (padding never read)."""
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    k = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    k, offs_n, mask_n, offs_d = _row_head_tile(N, BLOCK_N, BLOCK_D)
     offs_w = tl.arange(0, BLOCK_W)
-    mask_n = offs_n < N
     mask_d = offs_d < D
     real_width = tl.load(size_ptr + k) + EXTRA
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)

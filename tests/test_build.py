@@ -126,7 +126,8 @@ HELPER_HEADERS = {"utils.h", "codes.h", "cpu_vec.h", "cuda_utils.cuh", "cuda_red
 SHARED_HELPERS = ["vexp", "fast_exp", "fast_log", "lane_exp", "hsum", "hmax", "row_max", "load_row", "reduce_sum",
                   "reduce_max", "warp_sum", "warp_max", "warp_allreduce", "group_allreduce", "group_sum",
                   "dispatch_float", "to_float", "from_float", "check_cpu_supports_build", "divergence_terms",
-                  "log_ratio_terms"]
+                  "log_ratio_terms", "check_kd_loss_args", "check_ensemble_kd_loss_args", "kd_outputs", "heads_view",
+                  "empty_head_grads"]
 
 
 def helper_definitions(text: str, name: str) -> int:
