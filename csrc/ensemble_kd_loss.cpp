@@ -1,6 +1,6 @@
 // ensemble_kd_loss_fwd: the fused ensemble KD loss forward (+ student gradient), CPU kernel and op schema.
 //
-// Arguments and semantics: docs/DESIGN.md 2 (the kernel contract) (coefficients computed on the host). student [N, C]; teachers: K
+// Arguments and semantics: the kernel contract, docs/DESIGN.md 2 (coefficients computed on the host). student [N, C]; teachers: K
 // tensors [N, C] in the student's dtype (views of one [K, N, C] tensor or separate tensors, unit stride
 // along classes) of log-space scores; weights [K, N] normalized over K (any float dtype, any strides);
 // target [N] int64 or None; mix 0 = 'prob' (p = sum_k w_k softmax(t_k * inv_teacher_temp)), 1 = 'logit'

@@ -1,5 +1,5 @@
 // kd_loss_fwd: the C++ CPU kernel of the fused knowledge-distillation loss (DESIGN 2.1) and the op's
-// schema. Arguments and semantics: docs/DESIGN.md 2 (the kernel contract) (the coefficients arrive computed on the host); the spec
+// schema. Arguments and semantics: the kernel contract, docs/DESIGN.md 2 (the coefficients arrive computed on the host); the spec
 // is ued_fast.reference.kd_loss_reference.
 //
 // Per row, with a = teacher * inv_teacher_temp (log(teacher) * inv_teacher_temp for probs),

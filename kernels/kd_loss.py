@@ -1,4 +1,4 @@
-"""Triton kernels of kd_loss (DESIGN 2.1); the kernel contract (docs/DESIGN.md 2, the kernel contract) is shared with the C++ and
+"""Triton kernels of kd_loss (DESIGN 2.1); the kernel contract (docs/DESIGN.md 2) is shared with the C++ and
 CUDA backends: the KD coefficients arrive computed on the host.
 
 kd_loss_fwd(student, teacher, target, inv_student_temp, inv_teacher_temp, kd_coef, ce_coef, divergence,

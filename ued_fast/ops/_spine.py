@@ -298,11 +298,6 @@ class EagerKDFunction(torch.autograd.Function):
         return (None, grad_student) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
-def divergence_repr(divergence: str, beta: float, teacher_temperature: float | None) -> str:
-    """The divergence part of a KD module's extra_repr."""
-    return f"divergence={divergence!r}, beta={beta}, teacher_temperature={teacher_temperature}"
-
-
 class KDModuleSettings:
     """What the KD modules (KDLoss, EnsembleKDLoss, FusedLinear*KDLoss) share: their keyword settings,
     kept as attributes (a later assignment counts), passed to their function and shown by extra_repr."""

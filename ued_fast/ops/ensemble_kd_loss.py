@@ -4,7 +4,7 @@ Spec: ued_fast.reference.ensemble_kd_loss_reference. Backends: 'cpp' and 'cuda' 
 torch.ops.ued_fast.ensemble_kd_loss_fwd (csrc/ensemble_kd_loss.cpp, csrc/ensemble_kd_loss_cuda.cu),
 'triton' is ued_fast.kernels.ensemble_kd_loss, 'reference' is the spec (differentiated by autograd).
 
-Every native backend implements one forward, the kernel contract (docs/DESIGN.md 2, the kernel contract):
+Every native backend implements one forward, the kernel contract (docs/DESIGN.md 2):
     ensemble_kd_loss_fwd(student [N, C], teachers: K tensors [N, C] in the student's dtype (unit stride
                          along classes, any row stride; views of one [K, N, C] tensor are not copied;
                          Triton takes them as one [K, N, C] tensor), weights [K, N] normalized over K

@@ -4,7 +4,7 @@ Spec: ued_fast.reference.kd_loss_reference. Backends: 'cpp' and 'cuda' are the C
 torch.ops.ued_fast.kd_loss_fwd (csrc/kd_loss.cpp, csrc/kd_loss_cuda.cu), 'triton' is
 ued_fast.kernels.kd_loss, 'reference' is the spec itself (differentiated by autograd).
 
-Every native backend implements one forward, the kernel contract (docs/DESIGN.md 2, the kernel contract):
+Every native backend implements one forward, the kernel contract (docs/DESIGN.md 2):
     kd_loss_fwd(student [N, C], teacher [N, C], target [N] int64 or None, inv_student_temp,
                 inv_teacher_temp, kd_coef, ce_coef, divergence, beta, ignore_index,
                 teacher_kind (0 logits, 1 log_probs, 2 probs), compute_grad)
