@@ -287,7 +287,7 @@ def _bad_cases():
         (dict(convention="uniform"), ValueError, "convention must be one of"),
         (dict(values_kind="probs"), ValueError, "values_kind must be one of"),
         (dict(divergence="kl"), ValueError, "divergence must be one of"),
-        (dict(beta=1.5), ValueError, "beta must be a number in"),
+        (dict(beta=1.5), ValueError, r"beta must be finite and in \[0, 1\]"),
         (dict(teacher_temperature=-1.0), ValueError, "teacher_temperature must be"),
         (dict(divergence="reverse_kl"), ValueError, "reverse_kl.*convention='zero'"),
         (dict(convention="symmetric_uniform", values_kind="logits"), ValueError, "needs values_kind='log_probs'"),

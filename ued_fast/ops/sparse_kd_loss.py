@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks
 from ._spine import reduction_scale
-from ..reference import DIVERGENCES, REDUCTIONS, _reduce, compute_dtype, divergence_rows
+from ..reference import REDUCTIONS, _reduce, compute_dtype, divergence_rows
 
 OP = "sparse_kd_loss"
 CONVENTIONS = ("zero", "symmetric_uniform")
@@ -94,13 +94,7 @@ def _check_args(student, indices, values, target, temperature, alpha, t2_scale, 
     _checks.check_choice(OP, "reduction", reduction, REDUCTIONS)
     _checks.check_choice(OP, "convention", convention, CONVENTIONS)
     _checks.check_choice(OP, "values_kind", values_kind, VALUE_KINDS)
-    _checks.check_choice(OP, "divergence", divergence, DIVERGENCES)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"{OP}: beta must be a number in [0, 1], got {beta!r}")
-    if teacher_temperature is not None and (
-            isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float))
-            or not (math.isfinite(teacher_temperature) and teacher_temperature > 0)):
-        raise ValueError(f"{OP}: teacher_temperature must be None or finite and > 0, got {teacher_temperature!r}")
+    _checks.check_divergence_args(OP, divergence, beta, teacher_temperature)
     if convention == "symmetric_uniform" and values_kind == "logits":
         raise ValueError(f"{OP}: convention='symmetric_uniform' needs values_kind='log_probs' (the missing mass "
                          "1 - sum(p) is undefined for logits of the top-k only)")
