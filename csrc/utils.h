@@ -121,6 +121,35 @@ inline void check_ensemble_kd_loss_args(const char* op, const at::Tensor& studen
   check_target(op, target, student);
 }
 
+// Every argument check of a sparse_kd_loss_fwd call (a top-k teacher), the same for its CPU and CUDA kernels:
+// student [N, C] with unit stride along classes; indices [N, k] int64 contiguous; log_p [N, k+1] contiguous in
+// the accumulation dtype; all on the student's device. The index values are the host's to check (CPU only).
+inline void check_sparse_kd_loss_args(const char* op, const at::Tensor& student, const at::Tensor& indices,
+                                      const at::Tensor& log_p, const std::optional<at::Tensor>& target,
+                                      double inv_student_temp, double kd_coef, double ce_coef, int64_t divergence,
+                                      double beta) {
+  TORCH_CHECK_VALUE(student.dim() == 2, op, ": student must be 2-D [N, C], got ", student.sizes());
+  TORCH_CHECK_VALUE(student.size(1) > 0, op, ": student has no classes");
+  const int64_t N = student.size(0);
+  TORCH_CHECK_VALUE(N == 0 || student.size(1) == 1 || student.stride(1) == 1, op,
+                    ": student needs unit stride along classes");
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == N && indices.size(1) >= 1, op,
+                    ": indices must be [N, k] with N = ", N, " and k >= 1, got ", indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.is_contiguous(), op, ": indices must be contiguous");
+  const int64_t k = indices.size(1);
+  TORCH_CHECK_VALUE(log_p.dim() == 2 && log_p.size(0) == N && log_p.size(1) == k + 1, op,
+                    ": log_p must be [N, k + 1] = [", N, ", ", k + 1, "], got ", log_p.sizes());
+  TORCH_CHECK_TYPE(log_p.scalar_type() == acc_dtype(student.scalar_type()), op, ": log_p must be ",
+                   acc_dtype(student.scalar_type()), " for a ", student.scalar_type(), " student, got ",
+                   log_p.scalar_type());
+  TORCH_CHECK_VALUE(log_p.is_contiguous(), op, ": log_p must be contiguous");
+  TORCH_CHECK_VALUE(indices.device() == student.device() && log_p.device() == student.device(), op,
+                    ": indices and log_p must be on the student's device ", student.device());
+  check_kd_coefficients(op, inv_student_temp, 1.0, kd_coef, ce_coef, divergence, beta);
+  check_target(op, target, student);
+}
+
 // (row_loss [N] in the accumulation dtype, grad [N, C] in the student's dtype or empty).
 inline std::tuple<at::Tensor, at::Tensor> kd_outputs(const at::Tensor& student, bool compute_grad,
                                                      at::ScalarType loss_dtype) {

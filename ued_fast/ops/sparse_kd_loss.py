@@ -75,6 +75,15 @@ def teacher_log_probs_ext(values: torch.Tensor, live: torch.Tensor, teacher_temp
     return F.log_softmax(torch.cat([scores, rest], dim=-1) / teacher_temperature, dim=-1)
 
 
+def kernel_inputs(indices: torch.Tensor, live: torch.Tensor, log_p: torch.Tensor):
+    """The teacher side of the kernel contract (docs/DESIGN.md 2): (indices [N, k] int64 with padding entries
+    -1, each row sorted ascending, so padding comes first; log_p [N, k+1] in that order, 'rest' last), both
+    contiguous. Sorted rows let a kernel find the live indices of a chunk of columns with a running pointer."""
+    keys, order = torch.where(live, indices, torch.full_like(indices, -1)).sort(dim=-1)
+    k = indices.shape[1]
+    return keys.contiguous(), torch.cat([log_p[:, :k].gather(-1, order), log_p[:, k:]], dim=-1).contiguous()
+
+
 def _check_args(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index,
                 convention, values_kind, divergence, beta, teacher_temperature) -> None:
     _checks.check_tensor(OP, "student", student, dims=2, floating=True)
