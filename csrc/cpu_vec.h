@@ -177,6 +177,21 @@ inline void log_inplace(acc_t* x, int64_t n) {
   }
 }
 
+// The gradient G[0, C) (G = grad_row when the dtypes match, else scratch converted into grad_row).
+template <typename student_t, typename acc_t>
+inline acc_t* grad_target(student_t* grad_row, acc_t* scratch) {
+  if constexpr (std::is_same_v<student_t, acc_t>) {
+    return grad_row;
+  } else {
+    return scratch;
+  }
+}
+
+template <typename student_t, typename acc_t>
+inline void finish_grad(acc_t* G, student_t* grad_row, int64_t C) {
+  if constexpr (!std::is_same_v<student_t, acc_t>) at::vec::convert(G, grad_row, C);
+}
+
 // Element terms of the divergences that need log p and log q per element (reverse_kl, jsd), given
 // p, q and their logs (0 * log 0 = 0 on every side). Returns the element's share of D; h is the
 // element's factor of the gradient, dD/dz_j = q_j (h_j - sum_c q_c h_c):

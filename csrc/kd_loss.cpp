@@ -75,21 +75,6 @@ RowMax<acc_t> load_tempered(const student_t* s_row, const teacher_t* t_row, cons
   return {cpu::row_max(A, Cp), cpu::row_max(B, Cp)};
 }
 
-// The gradient G[0, C) (G = grad_row when the dtypes match, else scratch converted into grad_row).
-template <typename student_t, typename acc_t>
-acc_t* grad_target(student_t* grad_row, acc_t* scratch) {
-  if constexpr (std::is_same_v<student_t, acc_t>) {
-    return grad_row;
-  } else {
-    return scratch;
-  }
-}
-
-template <typename student_t, typename acc_t>
-void finish_grad(acc_t* G, student_t* grad_row, int64_t C) {
-  if constexpr (!std::is_same_v<student_t, acc_t>) at::vec::convert(G, grad_row, C);
-}
-
 // One row: loss returned, gradient (when kGrad) written to grad_row in the student's dtype.
 // kCE: the row has a cross-entropy term (target given, ce_coef > 0).
 // forward_kl: sweep 2 keeps the exponentials and W; sweep 3 writes the gradient.
@@ -179,7 +164,7 @@ acc_t kd_row(const student_t* s_row, const teacher_t* t_row, int64_t y, const Pa
   // Last sweep, the gradient: + ce_coef * (ec_j/Zc - [j == y]) and
   //   forward_kl: g_kd * (eb_j/Zb - ea_j/Za);   reverse_kl, jsd: g_kd * q_j (h_j - S).
   const Vec vcs(kCE ? p.ce_coef / Zc : acc_t(0));
-  acc_t* G = grad_target(grad_row, A);
+  acc_t* G = cpu::grad_target(grad_row, A);
   acc_t g_y = 0;
   if (forward_kl) {
     const Vec vcq(g_kd / Zb), vcp(g_kd / Za);
@@ -200,7 +185,7 @@ acc_t kd_row(const student_t* s_row, const teacher_t* t_row, int64_t y, const Pa
     if constexpr (kCE) g_y = G[y] - p.ce_coef;
   }
   if constexpr (kCE) G[y] = g_y;
-  finish_grad(G, grad_row, C);
+  cpu::finish_grad(G, grad_row, C);
   return loss;
 }
 

@@ -37,7 +37,8 @@ def native_op_names() -> set[str]:
 
 def test_native_ops_are_found_in_the_sources():
     # The scan below must see the ops it is meant to check.
-    assert {"kd_loss_fwd", "ensemble_kd_loss_fwd", "grouped_heads_fwd", "grouped_heads_bwd"} <= native_op_names()
+    assert {"kd_loss_fwd", "ensemble_kd_loss_fwd", "grouped_heads_fwd", "grouped_heads_bwd",
+            "sparse_kd_loss_fwd"} <= native_op_names()
 
 
 @pytest.mark.skipif(not _backend.extension_loaded(), reason="ued_fast._C is not built")
@@ -161,6 +162,9 @@ def test_kd_op_schemas_take_the_contract_arguments():
     expected = {
         "kd_loss_fwd": ["student", "teacher", "target", *common, "teacher_kind", "compute_grad"],
         "ensemble_kd_loss_fwd": ["student", "teachers", "weights", "target", *common, "mix", "compute_grad"],
+        # The teacher arrives tempered and normalized (log_p), so no inv_teacher_temp.
+        "sparse_kd_loss_fwd": ["student", "indices", "log_p", "target",
+                               *[name for name in common if name != "inv_teacher_temp"], "compute_grad"],
     }
     for op, names in expected.items():
         schema = getattr(torch.ops.ued_fast, op).default._schema

@@ -3,6 +3,7 @@ against the project's dense kd_loss_reference and against DistillKit's sparse lo
 gradcheck, odd k, padding and duplicates, extreme logits, bad input, torch.compile, and memory."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import ued_fast.ops.sparse_kd_loss as st
+from ued_fast.ops import _spine
 from ued_fast.reference import kd_loss_reference
 from ued_fast.ops.sparse_kd_loss import sparse_kd_loss, sparse_kd_loss_reference
 
@@ -36,49 +38,103 @@ def make_case(n=9, c=13, k=4, seed=0, dtype=torch.float64, ignored=(2, 5), pad=0
     return student.to(dtype), indices, values.to(dtype), target
 
 
-def both(student, indices, values, target, weights=None, **kw):
-    """(loss, grad) of the fast path and of the reference, for sum(loss * weights)."""
+# The native backends on CPU tensors: 'cpp' (float64 here, so compared at 1e-12) and the Triton kernel
+# under the interpreter (float32 only, compared at float32's tolerance).
+NATIVE = ["cpp"]
+PRECISION = {"cpp": (torch.float64, dict(rtol=1e-12, atol=1e-12), dict(rtol=1e-10, atol=1e-12)),
+             "triton": (torch.float32, dict(rtol=2e-5, atol=2e-6), dict(rtol=1e-4, atol=2e-6))}
+
+
+def both(student, indices, values, target, weights=None, backend="cpp", **kw):
+    """(loss, grad) of a native backend (in its PRECISION dtype) and of the float64 reference, for
+    sum(loss * weights)."""
     out = []
-    for fn in (sparse_kd_loss, sparse_kd_loss_reference):
-        s = student.clone().requires_grad_()
+    for fn, dtype in ((functools.partial(sparse_kd_loss, backend=backend), PRECISION[backend][0]),
+                      (sparse_kd_loss_reference, torch.float64)):
+        s = student.detach().to(dtype, copy=True).requires_grad_()  # its own leaf: no gradient shared between the two
         loss = fn(s, indices, values, target, **kw)
-        w = weights if weights is not None and loss.dim() else torch.ones_like(loss)
-        (loss * w).sum().backward()
-        out.append((loss.detach(), s.grad))
+        w = weights if weights is not None and loss.dim() else torch.ones_like(loss, dtype=torch.float64)
+        (loss * w.to(loss.dtype)).sum().backward()
+        out.append((loss.detach().double(), s.grad.double().clone()))
     return out
+
+
+def assert_close_to_reference(backend, got, expected, equal_nan=False):
+    (loss, grad), (ref_loss, ref_grad) = got, expected
+    _, loss_tol, grad_tol = PRECISION[backend]
+    torch.testing.assert_close(loss, ref_loss, equal_nan=equal_nan, **loss_tol)
+    torch.testing.assert_close(grad, ref_grad, equal_nan=equal_nan, **grad_tol)
 
 
 # ---------------------------------------------------------------------------------------------
 # Fast path == reference (float64)
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("convention,divergence", CASES)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 @pytest.mark.parametrize("with_target", [True, False])
-def test_matches_reference(convention, divergence, reduction, with_target):
+def test_matches_reference(backend, convention, divergence, reduction, with_target):
     student, indices, values, target = make_case(pad=1)
     weights = torch.rand(student.shape[0], dtype=torch.float64)
-    (loss, grad), (ref_loss, ref_grad) = both(
-        student, indices, values, target if with_target else None, weights, temperature=2.0, alpha=0.7,
-        reduction=reduction, convention=convention, divergence=divergence, beta=0.3)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    assert_close_to_reference(backend, *both(
+        student, indices, values, target if with_target else None, weights, backend=backend, temperature=2.0,
+        alpha=0.7, reduction=reduction, convention=convention, divergence=divergence, beta=0.3))
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("convention,divergence", CASES)
+def test_wide_rows_many_threads(backend, temperature, convention, divergence):
+    """C = 1000 (many vectors, a ragged tail), k = 64 clustered and spread, rows split across threads,
+    a student sliced out of a wider tensor (row stride > C); temperature 1 shares softmax(s) with the CE."""
+    n, c, k = 70, 1000, 64
+    student, indices, values, target = make_case(n=n, c=c, k=k, seed=11, pad=3)
+    indices[1::3] = torch.arange(100, 100 + k)  # a run of adjacent classes: the support in one chunk
+    wide = torch.randn(n, c + 7, dtype=torch.float64)
+    wide[:, 3:3 + c] = student
+    assert_close_to_reference(backend, *both(wide[:, 3:3 + c], indices, values, target, backend=backend,
+                                             temperature=temperature, alpha=0.6, convention=convention,
+                                             divergence=divergence, beta=0.3))
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_kernel_rows_with_bad_indices_are_nan_and_the_others_intact(backend):
+    """The kernel contract on device tensors, where the host does not read the indices: an index >= C or
+    < -1 makes that row's loss and gradient NaN, never an out-of-bounds access; the other rows are exact."""
+    dtype = PRECISION[backend][0]
+    student, indices, values, target = make_case(n=6, c=13, k=4, dtype=dtype, pad=1)
+    _, live, log_p, kd_coef, ce_coef = st._prepare(student, indices, values, target, 2.0, 0.5, True, "none",
+                                                   IGNORE, "zero", "log_probs", "forward_kl", 0.5, None)
+    keys, lp = st.kernel_inputs(indices, live, log_p)
+    forward = _spine.native_op(backend, "sparse_kd_loss", "sparse_kd_loss_fwd")
+    good_rows, good_grad = forward(student, keys, lp, target, 0.5, kd_coef, ce_coef, 0, 0.5, IGNORE, True)
+    bad = keys.clone()
+    bad[0, -1] = 13  # past the last class
+    bad[3, 0] = -2  # below the padding marker
+    rows, grad = forward(student, bad, lp, target, 0.5, kd_coef, ce_coef, 0, 0.5, IGNORE, True)
+    assert torch.isnan(rows[[0, 3]]).all() and torch.isnan(grad[[0, 3]]).all()
+    keep = [1, 2, 4, 5]
+    torch.testing.assert_close(rows[keep], good_rows[keep], rtol=0, atol=0)
+    torch.testing.assert_close(grad[keep], good_grad[keep], rtol=0, atol=0)
+    expected = sparse_kd_loss_reference(student.double(), indices, values, target, temperature=2.0, alpha=0.5,
+                                        reduction="none")
+    torch.testing.assert_close(good_rows.double(), expected, **PRECISION[backend][1])
 
 
 BETA_CASES = [(conv, div, 0.5) for conv, div in CASES] + [
     (conv, "jsd", beta) for conv in ("zero", "symmetric_uniform") for beta in (0.0, 0.8, 1.0)]
 
 
+@pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("k", [1, 3, 13])
 @pytest.mark.parametrize("convention,divergence,beta", BETA_CASES)
-def test_odd_k_and_beta(k, convention, divergence, beta):
+def test_odd_k_and_beta(backend, k, convention, divergence, beta):
     student, indices, values, target = make_case(k=k, seed=k)
-    (loss, grad), (ref_loss, ref_grad) = both(student, indices, values, target, temperature=1.5,
-                                              teacher_temperature=0.8, convention=convention,
-                                              divergence=divergence, beta=beta)
-    assert torch.isfinite(loss) or (divergence == "reverse_kl" and k == 13)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12, equal_nan=True)
+    got, expected = both(student, indices, values, target, backend=backend, temperature=1.5, teacher_temperature=0.8,
+                         convention=convention, divergence=divergence, beta=beta)
+    assert torch.isfinite(got[0]) or (divergence == "reverse_kl" and k == 13)
+    assert_close_to_reference(backend, got, expected, equal_nan=True)
 
 
 def test_k_equal_to_c_is_the_dense_loss():
@@ -106,12 +162,13 @@ def test_zero_convention_is_kd_loss_of_the_renormalized_top_k(divergence, values
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_padding_entries_count_nowhere():
+@pytest.mark.parametrize("backend", NATIVE)
+def test_padding_entries_count_nowhere(backend):
     student, indices, values, target = make_case(k=3, seed=4)
     padded_i = torch.cat([indices, indices[:, :1], torch.zeros_like(indices[:, :1])], dim=-1)
     padded_v = torch.cat([values, torch.full_like(values[:, :2], -math.inf)], dim=-1)
     for convention, divergence in CASES:
-        kw = dict(convention=convention, divergence=divergence)
+        kw = dict(convention=convention, divergence=divergence, backend=backend)
         (loss, grad), _ = both(student, indices, values, target, **kw)
         (padded_loss, padded_grad), _ = both(student, padded_i, padded_v, target, **kw)
         torch.testing.assert_close(padded_loss, loss, rtol=1e-12, atol=1e-12)
@@ -128,10 +185,11 @@ def test_gradcheck():
             assert torch.autograd.gradcheck(fn, (student.clone().requires_grad_(),))
 
 
-def test_all_rows_ignored_give_zero():
+@pytest.mark.parametrize("backend", NATIVE)
+def test_all_rows_ignored_give_zero(backend):
     student, indices, values, target = make_case()
     target[:] = IGNORE
-    (loss, grad), _ = both(student, indices, values, target)
+    (loss, grad), _ = both(student, indices, values, target, backend=backend)
     assert loss == 0 and torch.all(grad == 0)
 
 
@@ -227,35 +285,40 @@ def test_distillkit_sparse_kl_of_logits_and_sparse_jsd():
 # Extreme logits, low precision
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,dtype", [("cpp", torch.float32), ("cpp", torch.float64)])
 @pytest.mark.parametrize("convention,divergence", CASES)
-def test_extreme_logits(dtype, convention, divergence):
+def test_extreme_logits(backend, dtype, convention, divergence):
+    """Logits 1e4 apart: the student's mass off the support is ~exp(-1e3) of the row's, which float32 keeps
+    only as a log (the off-support sum is taken relative to its own max)."""
     student, indices, values, target = make_case(k=4, seed=9)
     student = student * 3e3
     student[0, 3] = -math.inf  # a class the student rules out, not stored by the teacher
     student[0, indices[0]] = torch.tensor([50.0, 20.0, 10.0, 5.0], dtype=torch.float64)
     values = values * 40.0  # a very peaked teacher: stored log-probs down to ~ -1e3
     values = values - torch.logsumexp(values, -1, keepdim=True) - 1e-3
-    (loss, grad), _ = both(student.to(dtype), indices, values.to(dtype), target, convention=convention,
-                           divergence=divergence, temperature=2.0)
-    (_, _), (ref_loss, ref_grad) = both(student, indices, values, target, convention=convention,
-                                        divergence=divergence, temperature=2.0)
+    kw = dict(convention=convention, divergence=divergence, temperature=2.0)
+    s = student.detach().to(dtype, copy=True).requires_grad_()
+    loss = sparse_kd_loss(s, indices, values.to(dtype), target, backend=backend, **kw)
+    loss.backward()
+    (_, _), (ref_loss, ref_grad) = both(student, indices, values, target, **kw)
     if divergence == "reverse_kl":
         # Rows whose student puts all its mass where the teacher has none are +inf; the others are finite.
         assert not torch.isnan(loss)
     else:
-        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
         tol = 1e-9 if dtype == torch.float64 else 1e-4
         torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
-        torch.testing.assert_close(grad.double(), ref_grad, rtol=tol, atol=tol)
+        torch.testing.assert_close(s.grad.double(), ref_grad, rtol=tol, atol=tol)
 
 
-def test_bfloat16_student():
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_student(backend, dtype):
     student, indices, values, target = make_case(k=4, seed=10)
-    s16 = student.to(torch.bfloat16).requires_grad_()
-    loss = sparse_kd_loss(s16, indices, values.float(), target)
+    s16 = student.to(dtype).requires_grad_()
+    loss = sparse_kd_loss(s16, indices, values.float(), target, backend=backend)
     loss.backward()
-    assert loss.dtype == torch.float32 and s16.grad.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and s16.grad.dtype == dtype
     s32 = s16.detach().float().requires_grad_()
     ref = sparse_kd_loss_reference(s32, indices, values.float(), target)
     ref.backward()
@@ -323,21 +386,21 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("convention,divergence", CASES)
-def test_no_dense_teacher_only_the_gradient_is_n_by_c(monkeypatch, convention, divergence):
+def test_no_dense_teacher_only_the_gradient_is_n_by_c(backend, convention, divergence):
     """Forward makes one tensor of N x C elements (the gradient it keeps), backward one (the student's
-    gradient it returns); everything else is at most one block of rows x C or N x (k+1)."""
-    n, c, k, block_rows = 64, 50, 5, 8
-    monkeypatch.setattr(st, "BLOCK_ELEMENTS", block_rows * c)
+    gradient it returns); everything else is at most N x (k+1)."""
+    n, c, k = 64, 50, 5
     student, indices, values, target = make_case(n=n, c=c, k=k, dtype=torch.float32, pad=1, ignored=(3,))
     student.requires_grad_()
     with TensorSizeWatch(n * c) as forward:
         loss = sparse_kd_loss(student, indices, values, target, convention=convention, divergence=divergence,
-                              temperature=2.0)
+                              temperature=2.0, backend=backend)
     with TensorSizeWatch(n * c) as backward:
         loss.backward()
     assert len(forward.storages) == 1 and len(backward.storages) == 1
-    assert forward.largest_other <= max(block_rows * c, n * (k + 1)) < n * c
+    assert forward.largest_other <= n * (k + 1) < n * c
     # The reference, by contrast, makes several (it is the spec, not the fast path): the count can fail.
     with TensorSizeWatch(n * c) as dense:
         sparse_kd_loss_reference(student, indices, values, target, convention=convention, divergence=divergence)

@@ -30,9 +30,11 @@ distillkit/lossfuncs/kl.py sparse_kl_div, distillkit/lossfuncs/jsd.py sparse_js_
   (DistillKit does not check them; they would count the student's mass at that index twice). The check
   reads the indices, so it runs for CPU tensors only (as ued_fast's target check does).
 
-sparse_kd_loss_reference densifies the student's side and is the spec; sparse_kd_loss never makes a
-dense [N, C] teacher: it works on [N, k] gathers, the student's row log-sum-exp and the 'rest' mass, in
-row blocks, and writes the gradient (the one [N, C] tensor it makes) in the forward pass.
+sparse_kd_loss_reference densifies the student's side and is the spec (backend 'reference'). The native
+backends ('cpp' csrc/sparse_kd_loss.cpp, 'cuda' csrc/sparse_kd_loss_cuda.cu, 'triton' kernels/sparse_kd_loss.py)
+never make a dense [N, C] teacher: the host tempers and normalizes the teacher's k+1 categories ([N, k+1]),
+sorts each row's indices, and one kernel streams the student's rows and writes the gradient (the one [N, C]
+tensor the op makes) in the forward pass. Their contract: docs/DESIGN.md 2.5.
 """
 from __future__ import annotations
 
@@ -40,18 +42,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from . import _checks
-from ._spine import reduction_scale
+from . import _checks, _spine
 from ..reference import REDUCTIONS, _reduce, compute_dtype, divergence_rows
 
 OP = "sparse_kd_loss"
 CONVENTIONS = ("zero", "symmetric_uniform")
 VALUE_KINDS = ("log_probs", "logits")
-# The fast path works on blocks of rows with at most this many student elements, so its temporaries
-# stay [rows, C] however large N is.
-BLOCK_ELEMENTS = 1 << 22
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -131,18 +128,24 @@ def _check_index_values(indices: torch.Tensor, values: torch.Tensor, num_classes
                          "(pad with value -inf instead)")
 
 
-def _prepare(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index, convention,
-             values_kind, divergence, beta, teacher_temperature):
-    """Checks, then (compute dtype, live entries [N, k], teacher log-probs [N, k+1], kd_coef, ce_coef)."""
-    _check_args(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index,
-                convention, values_kind, divergence, beta, teacher_temperature)
-    cd = compute_dtype(student.dtype)
+def _teacher_side(values, temperature, alpha, t2_scale, has_target, convention, teacher_temperature):
+    """(compute dtype, live entries [N, k], teacher log-probs [N, k+1], kd_coef, ce_coef) of checked inputs."""
+    cd = compute_dtype(values.dtype)
     live = values > -math.inf
     t_teacher = temperature if teacher_temperature is None else teacher_temperature
     log_p = teacher_log_probs_ext(values.detach().to(cd), live, t_teacher, convention)
     s2 = temperature * temperature if t2_scale else 1.0
-    kd_coef, ce_coef = (alpha * s2, 1.0 - alpha) if target is not None else (s2, 0.0)
+    kd_coef, ce_coef = (alpha * s2, 1.0 - alpha) if has_target else (s2, 0.0)
     return cd, live, log_p, kd_coef, ce_coef
+
+
+def _prepare(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index, convention,
+             values_kind, divergence, beta, teacher_temperature):
+    """Checks, then _teacher_side (in the student's compute dtype)."""
+    _check_args(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index,
+                convention, values_kind, divergence, beta, teacher_temperature)
+    return _teacher_side(values.to(compute_dtype(student.dtype)), temperature, alpha, t2_scale, target is not None,
+                         convention, teacher_temperature)
 
 
 def sparse_kd_loss_reference(
@@ -186,90 +189,35 @@ def sparse_kd_loss_reference(
     return _reduce(rows, valid, c, reduction)
 
 
-def _lse_keep_exp(x: torch.Tensor):
-    """(logsumexp(x) [rows, 1], x overwritten with exp(x - rowmax), its row sum): one pass for the max,
-    one for the exponential, one for the sum. A row of -inf gives -inf, zeros and 0."""
-    top = x.amax(dim=-1, keepdim=True)
-    top = torch.where(top == -math.inf, torch.zeros_like(top), top)
-    e = x.sub_(top).exp_()
-    total = e.sum(dim=-1, keepdim=True)
-    return top + total.log(), e, total
+def _forward(student: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, target: torch.Tensor | None,
+             temperature: float, alpha: float, t2_scale: bool, reduction: str, ignore_index: int, convention: str,
+             values_kind: str, divergence: str, beta: float, teacher_temperature: float | None, backend: str,
+             compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The custom op's body on checked inputs: (loss, grad of the row losses [N, C] or empty, reduction scale)."""
+    _, live, log_p, _, _ = _teacher_side(values.to(compute_dtype(student.dtype)), temperature, alpha, t2_scale,
+                                         target is not None, convention, teacher_temperature)
+    sorted_indices, sorted_log_p = kernel_inputs(indices, live, log_p)
+    c = _spine.kd_coefficients(temperature, alpha, t2_scale, target is not None, divergence=divergence, beta=beta)
+    rows, grad = _spine.native_op(backend, OP, f"{OP}_fwd")(
+        student, sorted_indices, sorted_log_p, target, c.inv_student_temp, c.kd_coef, c.ce_coef, c.divergence,
+        c.beta, ignore_index, compute_grad)
+    return _spine.reduce_rows(rows, grad, target, ignore_index, reduction, student.shape[1])
 
 
-def _log_q_grads(log_p, log_q, divergence, beta):
-    """h_a = dD/dlog q_a for the (k+1)-category divergence D(p, q) (0 where q_a = 0, except forward_kl)."""
-    q = log_q.exp()
-    zero = torch.zeros_like(log_q)
-    if divergence == "forward_kl":
-        return -log_p.exp()
-    if divergence == "reverse_kl":
-        return torch.where(q == 0, zero, q * (log_q - log_p + 1.0))
-    if beta in (0.0, 1.0):  # m is q (or p): D is 0 whatever q is
-        return zero
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    return torch.where(q == 0, zero, q * (1.0 - beta) * (log_q - log_m))
+def _split(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index, convention,
+           values_kind, divergence, beta, teacher_temperature, backend, compute_grad) -> _spine.KDCall:
+    spec = dict(temperature=temperature, alpha=alpha, t2_scale=t2_scale, reduction=reduction,
+                ignore_index=ignore_index, convention=convention, values_kind=values_kind, divergence=divergence,
+                beta=beta, teacher_temperature=teacher_temperature)
+    return _spine.KDCall(student, (indices, values, target), spec, reduction, compute_grad)
 
 
-class _SparseKDFunction(torch.autograd.Function):
-    """Forward: row losses [N] and d row_loss[i] / d student[i] (kept); backward: one multiply by the
-    rows' incoming gradient (which carries the reduction's scale)."""
+_sparse_kd_loss_op = torch.library.custom_op("ued_fast::sparse_kd_loss", _forward, mutates_args=())
+_AUTOGRAD = _spine.KDAutograd(OP, _sparse_kd_loss_op, _forward, _split, sparse_kd_loss_reference)
 
-    @staticmethod
-    def forward(ctx, student, indices, log_p, live, target, valid, inv_t, kd_coef, ce_coef, divergence, beta,
-                compute_grad):
-        cd = log_p.dtype
-        n, c = student.shape
-        rows_out = torch.empty(n, dtype=cd, device=student.device)
-        grad = torch.empty(n, c, dtype=student.dtype, device=student.device) if compute_grad else None
-        block = max(1, min(n, BLOCK_ELEMENTS // c))
-        neg_inf = torch.full((), -math.inf, dtype=cd, device=student.device)
-        for r0 in range(0, n, block):
-            r1 = min(n, r0 + block)
-            s = student[r0:r1].to(cd)
-            idx, lv, lp = indices[r0:r1], live[r0:r1], log_p[r0:r1]
-            z = s * inv_t
-            z_k = z.gather(-1, idx)
-            # The student's logits off the support: its support entries set to -inf (padding entries keep
-            # their value: amin with +inf), so that its mass there is a sum, never 1 - sum(q_k).
-            off = z.scatter_reduce(-1, idx, torch.where(lv, neg_inf, -neg_inf), reduce="amin")
-            # z and off become their exponentials (shifted by the row max), kept for the gradient.
-            lse, e, e_sum = _lse_keep_exp(z)
-            lse_off, e_off, e_off_sum = _lse_keep_exp(off)
-            log_q = torch.cat([torch.where(lv, z_k - lse, neg_inf), lse_off - lse], dim=-1)
-            rows = kd_coef * divergence_rows(lp, log_q, divergence, beta)
-            keep = torch.ones_like(lse, dtype=torch.bool)
-            if target is not None:
-                keep = valid[r0:r1, None]
-                safe_y = torch.where(keep, target[r0:r1, None], torch.zeros_like(target[r0:r1, None]))
-                lse1, e1, e1_sum = (lse, e, e_sum) if inv_t == 1.0 else _lse_keep_exp(s.clone())
-                rows = torch.where(keep[:, 0], rows + ce_coef * (lse1 - s.gather(-1, safe_y))[:, 0],
-                                   torch.zeros_like(rows))
-            rows_out[r0:r1] = rows
-            if not compute_grad:
-                continue
-            h = _log_q_grads(lp, log_q, divergence, beta)
-            # With q_rest the student's mass off the support: dD/dz_j = h_j - q_j H on the support and
-            # h_rest q_j / q_rest - q_j H off it (H = sum_a h_a). q_j = e_j / sum(e) and q_j / q_rest =
-            # e_off_j / sum(e_off): per-row factors times the kept exponentials, so a vanishing q_rest
-            # never divides. Ignored rows get factor 0.
-            c_kd = kd_coef * inv_t
-            zero = torch.zeros_like(lse)
-            g = e * torch.where(keep, -c_kd * h.sum(-1, keepdim=True) / e_sum, zero)
-            g.addcmul_(e_off, torch.where(keep & (e_off_sum > 0), c_kd * h[:, -1:] / e_off_sum, zero))
-            g.scatter_add_(-1, idx, torch.where(lv & keep, c_kd * h[:, :-1], torch.zeros_like(lp[:, :-1])))
-            if target is not None:
-                g.addcmul_(e1, torch.where(keep, ce_coef / e1_sum, zero))
-                g.scatter_add_(-1, safe_y, torch.where(keep, -ce_coef, zero))
-            grad[r0:r1] = g
-        if compute_grad:
-            ctx.save_for_backward(grad)
-        return rows_out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_rows):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_rows[:, None].to(grad.dtype),) + (None,) * 11
+class _EagerSparseKDLoss(_spine.EagerKDFunction):
+    """sparse_kd_loss's eager autograd (see _spine.KDAutograd)."""
 
 
 def sparse_kd_loss(
@@ -288,19 +236,24 @@ def sparse_kd_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     teacher_temperature: float | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """sparse_kd_loss_reference without a dense teacher: student [N, C], indices [N, k] int64, values
-    [N, k] (the teacher's top-k log-probs or logits), target None or int64 [N]. Pure PyTorch, any device,
-    no host synchronization on accelerator tensors; the gradient is made in the forward pass. The loss is
-    float32 (float64 for float64 student), the gradient in the student's dtype; values are constants."""
-    cd, live, log_p, kd_coef, ce_coef = _prepare(
-        student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index, convention,
-        values_kind, divergence, beta, teacher_temperature)
-    n, c = student.shape
-    valid = None if target is None else target != ignore_index
-    rows = _SparseKDFunction.apply(_checks.last_dim_contiguous(student), indices, log_p, live, target, valid,
-                                   1.0 / temperature, kd_coef, ce_coef, divergence, float(beta),
-                                   student.requires_grad and torch.is_grad_enabled())
-    if reduction == "none":
-        return rows
-    return rows.sum() * reduction_scale(target, ignore_index, n, c, reduction, cd, student.device)
+    [N, k] (the teacher's top-k log-probs or logits), target None or int64 [N]. On a native backend one
+    kernel streams the student (no host synchronization on accelerator tensors) and makes the gradient in
+    the forward pass. The loss is float32 (float64 for float64 student), the gradient in the student's
+    dtype; values are constants. backend: None (the best for the device), 'cpp', 'cuda', 'triton' or
+    'reference' (the spec); under torch.func transforms the op runs the reference."""
+    _check_args(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index,
+                convention, values_kind, divergence, beta, teacher_temperature)
+    temperature, alpha, beta, teacher_temperature = _spine.kd_scalars(temperature, alpha, beta, teacher_temperature)
+    chosen = _spine.resolve_backend(OP, backend, student)
+    if chosen == "reference":
+        return sparse_kd_loss_reference(student, indices, values, target, temperature=temperature, alpha=alpha,
+                                        t2_scale=t2_scale, reduction=reduction, ignore_index=ignore_index,
+                                        convention=convention, values_kind=values_kind, divergence=divergence,
+                                        beta=beta, teacher_temperature=teacher_temperature)
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    return _AUTOGRAD.loss(_EagerSparseKDLoss, _checks.last_dim_contiguous(student), indices, values.detach(), target,
+                          temperature, alpha, t2_scale, reduction, ignore_index, convention, values_kind, divergence,
+                          beta, teacher_temperature, chosen, compute_grad)
