@@ -1,5 +1,5 @@
-"""sparse_kd_loss forward+backward on CPU, float32: the fast path ('sparse': no dense teacher, gradient
-made in the forward pass) against the eager reference ('eager': sparse_kd_loss_reference, which
+"""sparse_kd_loss forward+backward on CPU, float32: the fused C++ kernel ('cpp': no dense teacher, one
+streaming kernel that makes the gradient in the forward pass) against the eager reference ('eager': sparse_kd_loss_reference, which
 densifies the student's side) and torch.compile of the reference ('compiled'). Teacher: the top-k
 log-probs of random logits, DistillKit's 'zero' convention, forward KL, with targets.
 
@@ -9,7 +9,8 @@ Run (and turn the JSON into the Markdown table):
     python bench/report.py bench/results/cpu_sparse_teacher.json --baseline eager \
         --title "sparse_kd_loss fwd+bwd, CPU, float32" > bench/results/cpu_sparse_teacher.md
 Bytes floor per call: N*C*(4 + 4) + N*k*(8 + 4) (read the student, write its gradient, read the top-k).
-Both 'sparse' and 'eager' include the CPU-only index checks (a sort of the [N, k] indices).
+Both 'cpp' and 'eager' include the CPU-only index checks (a sort of the [N, k] indices); 'cpp' also the
+host's preparation of the teacher side ([N, k+1] log-probs, indices sorted per row).
 """
 from __future__ import annotations
 
@@ -22,14 +23,14 @@ import torch.nn.functional as F
 from ued_fast.ops.sparse_kd_loss import sparse_kd_loss, sparse_kd_loss_reference
 
 SHAPES = [(512, 100, 8), (4096, 1000, 32), (1024, 32000, 64)]
-IMPLS = ["sparse", "eager", "compiled"]
+IMPLS = ["cpp", "eager", "compiled"]
 KW = dict(temperature=2.0, alpha=0.9)
 _compiled = {}
 
 
 def _loss_fn(impl):
-    if impl == "sparse":
-        return lambda s, i, v, y: sparse_kd_loss(s, i, v, y, **KW)
+    if impl == "cpp":
+        return lambda s, i, v, y: sparse_kd_loss(s, i, v, y, backend="cpp", **KW)
     if impl == "eager":
         return lambda s, i, v, y: sparse_kd_loss_reference(s, i, v, y, **KW)
     if "fn" not in _compiled:

@@ -1,8 +1,12 @@
 """Each preset of ued_fast.presets against the framework's loss, transcribed from its code (the file and
-function are named at each transcription), in float64 on random logits with ignored rows; Liger-Kernel
-also against the installed package. Where a framework's formula is not expressible by kd_loss's
+function are named at each transcription), in float64 on random logits with ignored rows; Liger-Kernel,
+TRL and torchtune also against their installed code (requirements-dev.txt pins them; all run on CPU). Where a framework's formula is not expressible by kd_loss's
 arguments, the test checks the exact transformation that PRESET_DIFFERENCES states."""
 from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,7 +147,7 @@ def test_liger_unnormalized_weights_are_a_scale():
 def test_liger_installed_package(beta, temperature, weights):
     """liger_kernel.chunked_loss.LigerFusedLinearJSDLoss (pure PyTorch; runs on CPU): loss and the
     gradients of the student's hidden states and weight, against the preset through the same matmul."""
-    chunked = pytest.importorskip("liger_kernel.chunked_loss")
+    import liger_kernel.chunked_loss as chunked
     g = torch.Generator().manual_seed(4)
     n, h, v = 12, 6, 17
     hidden = torch.randn(n, h, generator=g, requires_grad=True)
@@ -188,6 +192,29 @@ def test_trl_transcription(beta, temperature):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def loss_and_grad(loss_fn, student):
+    s = student.detach().clone().requires_grad_()
+    loss = loss_fn(s)
+    loss.backward()
+    return loss.detach(), s.grad
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trl_installed_package(beta, temperature):
+    """trl.experimental.gkd GKDTrainer.generalized_jsd_loss itself (a static method: no trainer needed) on
+    [batch, tokens, vocab] logits with -100 labels: the preset's loss and gradient."""
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+    student, teacher, target = make_case(n=14, seed=8)
+    trl_loss, trl_grad = loss_and_grad(lambda s: GKDTrainer.generalized_jsd_loss(
+        s.view(2, 7, -1), teacher.view(2, 7, -1), target.view(2, 7), beta=beta, temperature=temperature), student)
+    ours, our_grad = loss_and_grad(
+        lambda s: preset_loss("trl", s, teacher, target, beta=beta, temperature=temperature), student)
+    torch.testing.assert_close(ours, trl_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(our_grad, trl_grad, rtol=1e-10, atol=1e-13)
+
+
 # ---------------------------------------------------------------------------------------------
 # torchtune: soft cross-entropy, not KL
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +247,51 @@ def test_torchtune_is_kd_loss_plus_teacher_entropy_with_the_same_gradient(kd_rat
     expected.backward()
     ours.backward()
     torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-12, atol=1e-13)
+
+
+@functools.cache
+def torchtune_kd_losses():
+    """torchtune's installed torchtune/modules/loss/kd_losses.py, loaded as a file: it needs only torch,
+    while `import torchtune` needs torchao, which does not import beside this torch."""
+    spec = importlib.util.find_spec("torchtune")
+    assert spec is not None, "torchtune is not installed (requirements-dev.txt)"
+    path = Path(spec.submodule_search_locations[0], "modules", "loss", "kd_losses.py")
+    module_spec = importlib.util.spec_from_file_location("torchtune_kd_losses", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kd_ratio", [0.5, 1.0, 0.25])
+def test_torchtune_installed_forward_kl_loss(kd_ratio):
+    """torchtune's ForwardKLLoss (the recipe's kd_loss) in the recipe's mix with the token-mean CE: the
+    preset plus kd_ratio times the teacher's mean entropy, and the same gradient."""
+    forward_kl = torchtune_kd_losses().ForwardKLLoss(ignore_index=IGNORE)
+    student, teacher, target = make_case(seed=12)
+    theirs, their_grad = loss_and_grad(lambda s: (1 - kd_ratio) * F.cross_entropy(s, target, ignore_index=IGNORE)
+                                       + kd_ratio * forward_kl(s, teacher, target), student)
+    ours, our_grad = loss_and_grad(lambda s: preset_loss("torchtune", s, teacher, target, alpha=kd_ratio), student)
+    entropy = entropy_rows(F.log_softmax(teacher, -1))[target != IGNORE].mean()
+    # ForwardKLLoss computes its softmaxes in float32 whatever the input dtype.
+    torch.testing.assert_close(ours + kd_ratio * entropy, theirs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("sym_kd_ratio", [0.0, 0.3, 1.0])
+def test_torchtune_installed_reverse_and_symmetric_kl_losses(sym_kd_ratio):
+    """torchtune's ReverseKLLoss is kd_loss's reverse_kl at T = 1 without T^2 or CE; its SymmetricKLLoss mixes
+    ForwardKLLoss (a soft cross-entropy: KL + the teacher's entropy) and ReverseKLLoss."""
+    losses = torchtune_kd_losses()
+    student, teacher, target = make_case(seed=13)
+    kw = dict(temperature=1.0, t2_scale=False, alpha=1.0)
+    reverse = kd_loss_reference(student, teacher, target, divergence="reverse_kl", **kw)
+    torch.testing.assert_close(reverse, losses.ReverseKLLoss(IGNORE)(student, teacher, target).double(),
+                               rtol=1e-6, atol=1e-6)
+    forward = kd_loss_reference(student, teacher, target, divergence="forward_kl", **kw)
+    entropy = entropy_rows(F.log_softmax(teacher, -1))[target != IGNORE].mean()
+    symmetric = losses.SymmetricKLLoss(sym_kd_ratio, IGNORE)(student, teacher, target).double()
+    torch.testing.assert_close(sym_kd_ratio * (forward + entropy) + (1 - sym_kd_ratio) * reverse, symmetric,
+                               rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

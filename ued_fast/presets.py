@@ -2,7 +2,8 @@
 
 PRESETS maps a name to kd_loss keyword arguments; PRESET_DIFFERENCES says, per name, what of that
 framework's loss the arguments do not express, as an exact transformation (tests/test_presets.py checks
-each against a transcription of the framework's code, and Liger-Kernel's against the installed package).
+each against a transcription of the framework's code, and Liger-Kernel's, TRL's and torchtune's against
+their installed code).
 Sources read (file, function):
 
 'hinton'     Hinton et al.'s KD, the project's default: alpha * T^2 * KL(softmax(t/T) || softmax(s/T))
@@ -13,7 +14,8 @@ Sources read (file, function):
              (beta=0 forward KL, beta=1 reverse KL, m = beta p + (1-beta) q otherwise),
              weight_hard * CE(T=1) + weight_soft * JSD, both summed over tokens / number of non-ignored
              tokens. ops/jsd.py (LigerJSD) has the same beta convention and normalization.
-'trl'        TRL trl/trainer/gkd_trainer.py (GKDTrainer.generalized_jsd_loss, compute_loss): the same
+'trl'        TRL trl/trainer/gkd_trainer.py, since 1.x trl/experimental/gkd/gkd_trainer.py
+             (GKDTrainer.generalized_jsd_loss, compute_loss): the same
              generalized JSD and beta endpoints; reduction 'batchmean' with labels = sum over non-ignored
              tokens / their number; compute_loss calls it at temperature 1 and adds no CE.
 'torchtune'  torchtune torchtune/modules/loss/kd_losses.py (ForwardKLLoss) and
