@@ -429,9 +429,9 @@ def bench_sparse(res: Results, timer: Timer, device, dry_run: bool):
         values, indices = torch.log_softmax(teacher.float(), dim=-1).topk(k, dim=-1)
         args = (student, indices, values, target)
         del teacher, inputs
-        impls = {"ours": (None, grad_of(lambda: sparse_kd_loss(*args, **KD_KW), student)),
-                 "eager": (None, grad_of(lambda: sparse_kd_loss_reference(*args, **KD_KW), student)),
-                 "compiled": (None, grad_of(lambda: compiled_ref(*args, **KD_KW), student))}
+        impls = ours(device, dry_run, lambda b: sparse_kd_loss(*args, backend=b, **KD_KW), student)
+        impls["eager"] = (None, grad_of(lambda: sparse_kd_loss_reference(*args, **KD_KW), student))
+        impls["compiled"] = (None, grad_of(lambda: compiled_ref(*args, **KD_KW), student))
         # Floor: read the student, write its gradient, read the top-k pairs.
         run_cases(res, timer, device, "sparse_teacher", case, impls, impls["eager"][1], n * c * 4 + n * k * 12,
                   dict(n=n, c=c, k=k))
