@@ -294,7 +294,7 @@ def _check(student, indices, log_p, target, inv_student_temp, kd_coef, ce_coef, 
     for name, value in (("kd_coef", kd_coef), ("ce_coef", ce_coef)):
         if not (float(value) >= 0.0 and float(value) < float("inf")):
             raise ValueError(f"{op}: {name} must be finite and >= 0, got {value!r}")
-    for name, value, least in (("block", block, 16), ("k_block", k_block, 1)):
+    for name, value, least in (("block", block, MIN_BLOCK), ("k_block", k_block, K_BLOCK_MIN)):
         if value is not None and (value < least or value & (value - 1)):
             raise ValueError(f"{op}: {name} must be a power of two >= {least}, got {value}")
 

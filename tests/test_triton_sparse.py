@@ -176,6 +176,15 @@ def test_support_clustered_and_spread(support):
         check(student, indices, values, target, settings(convention=convention, divergence=divergence), block=16)
 
 
+def test_vocabulary_sized_rows_with_default_blocks():
+    # C = 32000 in bf16: the default BLOCK (BLOCK_2BYTE) and K_BLOCK, 64 entries over the row, some padded.
+    student, indices, values, target = make_case(n=2, c=32000, k=64, dtype=torch.bfloat16, pad=8, seed=14,
+                                                 ignored=())
+    assert tk.block_config(student)[0] == tk.BLOCK_2BYTE
+    for convention, divergence in (("zero", "forward_kl"), ("symmetric_uniform", "jsd")):
+        check(student, indices, values, target, settings(convention=convention, divergence=divergence))
+
+
 # --- extreme students ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
@@ -278,6 +287,12 @@ def test_bad_index_or_target_gives_nan_row():
     for row in (0, 5):
         torch.testing.assert_close(loss[row].double().cpu(), ref_loss[row].cpu(), rtol=2e-5, atol=2e-5)
         torch.testing.assert_close(grad[row].double().cpu(), ref_grad[row].cpu(), rtol=1e-5, atol=1e-6)
+    # Without a target the bad indices alone make their rows NaN.
+    keys_nt, log_p_nt, *scalars_nt = kernel_args(student, indices, values, None, kw)
+    keys_nt[1:4] = keys[1:4]
+    loss, grad = tk.sparse_kd_loss_fwd(student, keys_nt, log_p_nt, None, *scalars_nt, True, block=16)
+    assert torch.isnan(loss[1:4]).all() and torch.isnan(grad[1:4]).all()
+    assert torch.isfinite(loss[[0, 4, 5]]).all() and torch.isfinite(grad[[0, 4, 5]]).all()
 
 
 def test_bad_arguments():
