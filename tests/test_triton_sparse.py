@@ -155,6 +155,19 @@ def test_support_covers_every_class(convention, divergence):
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_row_of_padding_only(divergence):
+    # Row 1 stores no entry: the support is empty, every column is off it and 'rest' is the whole row.
+    student, indices, values, target = make_case(c=40, k=4, seed=15)
+    values[1] = -math.inf
+    kw = settings(convention="symmetric_uniform", divergence=divergence)
+    loss, _ = check(student, indices, values, target, kw, block=16)
+    # Teacher and student both put all their mass on 'rest': D = 0, the row's loss is its CE alone.
+    s1 = student[1].double()
+    ce = torch.logsumexp(s1, 0) - s1[target[1]]
+    torch.testing.assert_close(loss[1].double(), (1.0 - kw["alpha"]) * ce, rtol=2e-5, atol=2e-5)
+
+
 # --- chunk layout -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("c,block", [(1, None), (5, None), (16, 16), (17, 16), (100, None), (100, 32)])
