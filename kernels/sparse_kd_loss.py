@@ -56,10 +56,12 @@ from ._common import (MAX_START, check_kd_scalars, check_same_device, divergence
                       load_row_target, merge_lanes, on_device, online_update, to_grad_dtype)
 
 # --- launch knobs -------------------------------------------------------------------------------
-# Columns per chunk by the student's element size, as kd_loss's chunked kernel (one 16-byte load per thread
-# at 8 warps); narrower rows take next_pow2(C), not less than MIN_BLOCK. Every index in a chunk costs a
-# compare over the chunk, so a smaller BLOCK trades streaming width for fewer compares at large k.
-BLOCK_2BYTE = 2048
+# Columns per chunk by the student's element size; narrower rows take next_pow2(C), not less than MIN_BLOCK.
+# 1024 columns over 8 warps for both: the kernel keeps six per-lane state arrays (z, z off the support, s), and
+# ptxas for sm_90 (.ci/check_triton.py) gives 2048 bf16 columns over 8 warps 101-109 registers per thread (two
+# programs per SM), 1024 columns at most 48 with no spill. Every index in a chunk also costs a compare over the
+# chunk, so a narrower BLOCK means fewer compares at large k. Not yet tuned on a GPU.
+BLOCK_2BYTE = 1024
 BLOCK_4BYTE = 1024
 MIN_BLOCK = 16
 NUM_WARPS = 8
