@@ -10,7 +10,7 @@ Per row, with z = s*inv_student_temp, S the row's live indices (indices >= 0; pa
 first, the row being sorted), lse = logsumexp(z), lse_off = logsumexp of z off S (-inf when S covers the row):
     log q_a = z[indices[a]] - lse for a live entry, -inf for padding;  log q_rest = lse_off - lse
     D = sum over the k+1 categories (k entries + 'rest') of d(log p_a, log q_a)   (kernels/_common.py's terms)
-    h_a = dD/d(log q_a):  forward_kl -p_a;  reverse_kl q_a (log q_a - log p_a + 1);  jsd (1-beta) q_a (log q_a - log m_a)
+    h_a = dD/d(log q_a): forward_kl -p_a; reverse_kl q_a (log q_a - log p_a + 1); jsd (1-beta) q_a (log q_a - log m_a)
     H = sum of h_a
     loss = kd_coef*D + ce_coef*(logsumexp(s) - s[y])                 (kd_coef*D when target is None)
     grad_j = kd_coef*inv_student_temp*G_j + ce_coef*(softmax(s)_j - [j == y])
