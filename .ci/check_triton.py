@@ -185,7 +185,48 @@ def grouped_heads_cases(torch):
         yield case(BF16, 1, shapes[1], mode, "NKD")
 
 
-FAMILIES = {"kd_loss": kd_loss_cases, "ensemble_kd_loss": ensemble_cases, "grouped_heads": grouped_heads_cases}
+def sparse_kd_loss_cases(torch):
+    from kernels import sparse_kd_loss as sk
+
+    def case(dt, n, c, k, target=True, grad=True, divergence=0, temperature=2.0):
+        label = _label("sparse_kd_loss", s=dt, N=n, C=c, k=k, target=target, grad=grad,
+                       divergence=DIVERGENCES[divergence], T=temperature)
+
+        def run():
+            s = _meta(torch, (n, c), dt)
+            indices = _meta(torch, (n, k), "int64")
+            log_p = _meta(torch, (n, k + 1), F32)
+            y = _meta_target(torch, n, target)
+            # alpha 0.5, t2_scale: the contract's host coefficients
+            t2 = temperature * temperature
+            kd_coef, ce_coef = (0.5 * t2, 0.5) if target else (t2, 0.0)
+            sk.sparse_kd_loss_fwd(s, indices, log_p, y, 1.0 / temperature, kd_coef, ce_coef, divergence, 0.5,
+                                  -100, grad)
+        return label, "sparse_kd_loss", run
+
+    # The compiled kernel follows the dtype (BLOCK by element size), C (narrow rows take a smaller BLOCK;
+    # C's divisibility by 16), k (K_BLOCK; k = 1 is a specialized constant) and the flags: dtypes and C are
+    # crossed, the rest varied one at a time around bf16, C = 32000, k = 64.
+    for dt in (F32, BF16, F16):
+        for c in (1000, 32000, 128256):
+            yield case(dt, 1 << 16, c, 64)
+    for k in (1, 512):
+        for c in (1000, 128256):
+            yield case(BF16, 1 << 16, c, k)
+    for divergence in (0, 1, 2):
+        if divergence:
+            for dt in (F32, BF16):
+                yield case(dt, 1 << 16, 32000, 64, divergence=divergence)
+            yield case(BF16, 1 << 16, 32000, 512, divergence=divergence)
+        for target, grad in ((False, True), (True, False), (False, False)):
+            yield case(BF16, 1 << 16, 32000, 64, target, grad, divergence)
+        # temperature 1: the CE shares z's softmax (no SEPARATE_CE state)
+        yield case(BF16, 1 << 16, 32000, 64, divergence=divergence, temperature=1.0)
+    yield case(BF16, 1, 32000, 64)  # one row
+
+
+FAMILIES = {"kd_loss": kd_loss_cases, "ensemble_kd_loss": ensemble_cases, "grouped_heads": grouped_heads_cases,
+            "sparse_kd_loss": sparse_kd_loss_cases}
 
 
 # ---- the stand-in driver and the compile-only launch ----
