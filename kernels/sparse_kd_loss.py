@@ -1,4 +1,4 @@
-"""Triton kernel of the sparse (top-k teacher) KD forward; the kernel contract (docs/sparse_kernel_contract.md)
+"""Triton kernel of the sparse (top-k teacher) KD forward; the kernel contract (docs/DESIGN.md 2.5)
 is shared with the C++ and CUDA backends: the host (ued_fast/ops/sparse_kd_loss.py, kernel_inputs) hands over
 the teacher side as sorted indices and (k+1)-category log-probabilities, and the KD coefficients.
 

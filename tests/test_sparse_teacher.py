@@ -40,7 +40,7 @@ def make_case(n=9, c=13, k=4, seed=0, dtype=torch.float64, ignored=(2, 5), pad=0
 
 # The native backends on CPU tensors: 'cpp' (float64 here, so compared at 1e-12) and the Triton kernel
 # under the interpreter (float32 only, compared at float32's tolerance).
-NATIVE = ["cpp"]
+NATIVE = ["cpp", "triton"]
 PRECISION = {"cpp": (torch.float64, dict(rtol=1e-12, atol=1e-12), dict(rtol=1e-10, atol=1e-12)),
              "triton": (torch.float32, dict(rtol=2e-5, atol=2e-6), dict(rtol=1e-4, atol=2e-6))}
 
@@ -285,7 +285,7 @@ def test_distillkit_sparse_kl_of_logits_and_sparse_jsd():
 # Extreme logits, low precision
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,dtype", [("cpp", torch.float32), ("cpp", torch.float64)])
+@pytest.mark.parametrize("backend,dtype", [("cpp", torch.float32), ("cpp", torch.float64), ("triton", torch.float32)])
 @pytest.mark.parametrize("convention,divergence", CASES)
 def test_extreme_logits(backend, dtype, convention, divergence):
     """Logits 1e4 apart: the student's mass off the support is ~exp(-1e3) of the row's, which float32 keeps
@@ -386,7 +386,8 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", NATIVE)
+# 'cpp' only: Triton's interpreter copies every tensor argument (a second N x C storage it makes, not the kernel).
+@pytest.mark.parametrize("backend", ["cpp"])
 @pytest.mark.parametrize("convention,divergence", CASES)
 def test_no_dense_teacher_only_the_gradient_is_n_by_c(backend, convention, divergence):
     """Forward makes one tensor of N x C elements (the gradient it keeps), backward one (the student's
