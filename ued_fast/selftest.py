@@ -2,8 +2,9 @@
 
     python -m ued_fast.selftest [--device cuda|cpu|cuda:1]
 
-Runs kd_loss, ensemble_kd_loss and grouped_heads forward and backward on a few shapes (odd sizes,
-ignored rows, both teacher mixes and head modes, float32 and bfloat16) on each backend of
+Runs kd_loss, ensemble_kd_loss, grouped_heads and sparse_kd_loss forward and backward on a few shapes
+(odd sizes, ignored rows, both teacher mixes and head modes, both top-k conventions, float32 and bfloat16)
+on each backend of
 `ued_fast.available_backends(device)` but 'reference' (the spec the others are measured against),
 prints a table and exits 1 if any check fails. Takes seconds; run it first on a new GPU machine.
 
@@ -23,7 +24,7 @@ import torch
 
 import ued_fast
 
-OPS = ("kd_loss", "ensemble_kd_loss", "grouped_heads")
+OPS = ("kd_loss", "ensemble_kd_loss", "grouped_heads", "sparse_kd_loss")
 
 # Allowed error, relative to the largest entry of the float64 reference output or gradient. Kernels
 # compute in float32 registers; bfloat16 results (gradients) are rounded to 8 mantissa bits.
@@ -97,6 +98,20 @@ def _heads_case(n, d, *, mode):
     return make
 
 
+def _sparse_case(n, c, k, *, convention, divergence):
+    def make(device, dtype, g):
+        student = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+        teacher = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+        values, indices = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+        values[::3, -1] = -math.inf  # padding entries
+        target = torch.randint(0, c, (n,), generator=g)
+        target[::4] = -100
+        kwargs = dict(temperature=2.0, alpha=0.5, convention=convention, divergence=divergence, beta=0.3)
+        return ({"student": student, "indices": indices, "values": values, "target": target}, kwargs,
+                ("student",))
+    return make
+
+
 CASES = {
     "kd_loss": [
         Case("7x10", torch.float32, _kd_case(7, 10)),
@@ -113,6 +128,13 @@ CASES = {
         Case("13x5*8 logit_mean", torch.float32, _heads_case(13, 8, mode="logit_mean")),
         Case("6x5*33 prob_mean", torch.float32, _heads_case(6, 33, mode="prob_mean")),
         Case("9x5*16 bf16", torch.bfloat16, _heads_case(9, 16, mode="logit_mean")),
+    ],
+    "sparse_kd_loss": [
+        Case("9x100 k=8 zero", torch.float32, _sparse_case(9, 100, 8, convention="zero", divergence="forward_kl")),
+        Case("5x2051 k=64 symmetric jsd", torch.float32,
+             _sparse_case(5, 2051, 64, convention="symmetric_uniform", divergence="jsd")),
+        Case("8x130 k=5 bf16 reverse_kl", torch.bfloat16,
+             _sparse_case(8, 130, 5, convention="symmetric_uniform", divergence="reverse_kl")),
     ],
 }
 
