@@ -146,17 +146,31 @@ static T block_allreduce(std::vector<T> v, F combine, T identity) {
 }
 
 // The simulated loads and stores, as __host__ __device__ functors over plain arrays: the kernel's
-// host+device sweeps call them (nvcc flags host-only callables there).
+// host+device sweeps call them (nvcc flags host-only callables there). The loads count reads outside the
+// row in *bad (and return NaN there).
 template <int VEC>
 struct HostLoad {
   const float* s;
+  int64_t n;
+  int* bad;
   __host__ __device__ void operator()(int64_t i, float (&out)[VEC]) const {
-    for (int v = 0; v < VEC; ++v) out[v] = s[i * VEC + v];
+    for (int v = 0; v < VEC; ++v) {
+      const int64_t j = i * VEC + v;
+      const bool inside = j >= 0 && j < n;
+      *bad += !inside;
+      out[v] = inside ? s[j] : NAN;
+    }
   }
 };
 struct HostValue {
   const float* s;
-  __host__ __device__ float operator()(int64_t col) const { return s[col]; }
+  int64_t n;
+  int* bad;
+  __host__ __device__ float operator()(int64_t col) const {
+    const bool inside = col >= 0 && col < n;
+    *bad += !inside;
+    return inside ? s[col] : NAN;
+  }
 };
 template <int VEC>
 struct HostStore {  // counts the writes of each column
@@ -167,8 +181,11 @@ struct HostStore {  // counts the writes of each column
   }
 };
 
+// bad_access: the student's reads outside the row, plus the gradient columns not written exactly once.
 template <int VEC>
-static float simulate(const Case& c, const Row& r, const SparseParams& p, int NT, std::vector<float>& g) {
+static float simulate(const Case& c, const Row& r, const SparseParams& p, int NT, std::vector<float>& g,
+                      int& bad_access) {
+  bad_access = 0;
   const int64_t C = c.C, n_vec = C / VEC;
   g.assign(C, 0.f);
   int status = target_status(p, r.y);
@@ -183,12 +200,12 @@ static float simulate(const Case& c, const Row& r, const SparseParams& p, int NT
   }
   const int64_t* idx = r.idx.data();
   const float* log_p = r.lp.data();
-  const HostLoad<VEC> load{r.s.data()};
+  const HostLoad<VEC> load{r.s.data(), C, &bad_access};
   std::vector<SparseStats> stats(NT);
   for (int tid = 0; tid < NT; ++tid) stats[tid] = thread_stats<VEC>(p, idx, n_vec, tid, NT, load);
   const SparseStats row_st = block_allreduce(stats, MergeSparseStats{p.k_student, p.separate_ce}, empty_sparse_stats());
   const SparseNorm n = finish_stats(p, row_st);
-  const HostValue s_at{r.s.data()};
+  const HostValue s_at{r.s.data(), C, &bad_access};
   std::vector<DivSums> sums(NT);
   for (int tid = 0; tid < NT; ++tid) sums[tid] = thread_categories(p, n, idx, log_p, tid, NT, s_at);
   const DivSums entries = block_allreduce(sums, [](DivSums a, DivSums b) { return a + b; }, DivSums{0.f, 0.f});
@@ -197,8 +214,7 @@ static float simulate(const Case& c, const Row& r, const SparseParams& p, int NT
   std::vector<char> written(C, 0);
   const HostStore<VEC> store{g.data(), written.data()};
   for (int tid = 0; tid < NT; ++tid) thread_grad<VEC>(p, n, t, idx, log_p, n_vec, tid, NT, r.y, load, store);
-  for (int64_t j = 0; j < C; ++j)
-    if (written[j] != 1) { g[j] = NAN; }  // every column written exactly once (VEC divides C)
+  for (int64_t j = 0; j < C; ++j) bad_access += written[j] != 1;  // every column once (VEC divides C)
   return loss;
 }
 
@@ -244,6 +260,12 @@ static Row make_row(const Case& c, std::mt19937& rng) {
   return r;
 }
 
+static float run_kernel_algo(const Case& c, const Row& r, const SparseParams& p, int NT, int VEC, std::vector<float>& g,
+                             int& bad_access) {
+  return VEC == 1 ? simulate<1>(c, r, p, NT, g, bad_access)
+       : VEC == 4 ? simulate<4>(c, r, p, NT, g, bad_access) : simulate<8>(c, r, p, NT, g, bad_access);
+}
+
 int main() {
   std::mt19937 rng(11);
   int n_checks = 0, n_fail = 0, n_rows = 0;
@@ -286,8 +308,8 @@ int main() {
                 const int NT = cfg[0], VEC = cfg[1];
                 if (C % VEC) continue;
                 std::vector<float> g;
-                const float l = VEC == 1 ? simulate<1>(c, r, p, NT, g)
-                              : VEC == 4 ? simulate<4>(c, r, p, NT, g) : simulate<8>(c, r, p, NT, g);
+                int bad_access;
+                const float l = run_kernel_algo(c, r, p, NT, VEC, g, bad_access);
                 ++n_checks;
                 bool ok;
                 double el = 0, eg = 0;
@@ -315,6 +337,7 @@ int main() {
                   worst_g_ratio = std::max(worst_g_ratio, eg / g_tol);
                   if (c.scale < 10) worst_g_small = std::max(worst_g_small, eg);
                 }
+                ok = ok && bad_access == 0;
                 if (!ok) {
                   ++n_fail;
                   if (n_fail <= 20)
@@ -322,10 +345,41 @@ int main() {
                            "tiny_off=%d zero_p=%d bad_idx=%d NT=%d VEC=%d: loss %.9g ref %.9g (el %.3g) grad err %.3g\n",
                            c.C, c.k, c.npad, c.clustered, c.div, c.beta, c.inv_t, c.tgt, c.scale, c.rest_inf,
                            c.tiny_off, c.zero_p, c.bad_idx, NT, VEC, l, ref.loss, el, eg);
+                  if (bad_access) printf("  %d out-of-row reads or columns not written once\n", bad_access);
                 }
               }
             }
   }
+  // Unsorted or duplicate indices: any result, but no read outside the row and every column written once.
+  int n_unsorted = 0;
+  for (int C : {7, 100, 1000, 4096, 20000})
+    for (int draw = 0; draw < 40; ++draw) {
+      Case c{};
+      c.C = C; c.k = std::min(C, 1 + int(rng() % 300)); c.npad = c.k > 1 ? int(rng() % 3) % c.k : 0;
+      c.clustered = draw % 2; c.div = draw % 3; c.beta = 0.3f; c.inv_t = draw % 4 ? 1.f : 0.4f;
+      c.tgt = int(rng() % 2); c.scale = 3.f; c.rest_inf = false;
+      const SparseParams p = params(c);
+      Row r = make_row(c, rng);
+      if (draw % 3 == 0) std::shuffle(r.idx.begin(), r.idx.end(), rng);             // unsorted, padding anywhere
+      else r.idx[rng() % c.k] = r.idx[c.k - 1 - int(rng() % std::max(1, c.k / 2))];  // a duplicate (maybe padding)
+      if (c.k > 1 && draw % 3 == 1) std::sort(r.idx.begin(), r.idx.end());          // sorted, with a duplicate
+      const int nt = C <= kSmallRowMaxClasses ? kSmallRowThreads : kLargeRowThreads;
+      for (int VEC : {1, 4, 8}) {
+        if (C % VEC) continue;
+        std::vector<float> g;
+        int bad_access;
+        run_kernel_algo(c, r, p, nt, VEC, g, bad_access);
+        ++n_unsorted;
+        ++n_checks;
+        if (bad_access) {
+          ++n_fail;
+          printf("FAIL unsorted/duplicate indices C=%d k=%d VEC=%d: %d out-of-row reads or columns not written once\n",
+                 C, c.k, VEC, bad_access);
+        }
+      }
+    }
+  printf("sparse_kd_loss: %d runs with unsorted or duplicate indices (checked: no read outside the row, every "
+         "column written once)\n", n_unsorted);
   printf("sparse_kd_loss: %d rows (%d +inf, %d NaN, %d tiny off-support mass, %d k = C), %d checks, %d failures; "
          "worst loss rel err %.3g, worst grad err / max|grad| %.3g (logits O(1): %.3g; at most %.2f of the tolerance)\n",
          n_rows, n_inf, n_nan, n_tiny, n_kc, n_checks, n_fail, worst_l, worst_g, worst_g_small, worst_g_ratio);
