@@ -2,7 +2,7 @@
 # Build every .ci/*_math_check.cu with nvcc as host code (the kernels' row math, no GPU needed) and run
 # it; each compares the CUDA kernels' math with float64 and exits non-zero on a mismatch.
 # The source it checks is csrc/<name>_cuda.cu, compiled with -DUED_FAST_<NAME>_MATH_ONLY
-# (kd -> UED_FAST_KD_MATH_ONLY, ensemble -> UED_FAST_ENS_MATH_ONLY). Env: NVCC.
+# (kd -> UED_FAST_KD_MATH_ONLY, ensemble -> UED_FAST_ENS_MATH_ONLY, sparse -> UED_FAST_SPARSE_MATH_ONLY). Env: NVCC.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +14,7 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-declare -A math_only=([kd]=UED_FAST_KD_MATH_ONLY [ensemble]=UED_FAST_ENS_MATH_ONLY)
+declare -A math_only=([kd]=UED_FAST_KD_MATH_ONLY [ensemble]=UED_FAST_ENS_MATH_ONLY [sparse]=UED_FAST_SPARSE_MATH_ONLY)
 status=0
 shopt -s nullglob
 for src in .ci/*_math_check.cu; do

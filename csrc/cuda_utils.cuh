@@ -1,7 +1,7 @@
 // Device helpers shared by the CUDA kernels: element conversion to and from float, the fast exp/log
 // of the kernels (libm on the host, so that the row math can be checked there against float64:
-// .ci/*_math_check.cu), and the per-element terms of the reverse_kl and jsd divergences.
-// Host+device code only: no torch headers (the host checks include it without them).
+// .ci/*_math_check.cu), the per-element terms of the reverse_kl and jsd divergences, and 16-byte vector
+// loads and stores. No torch headers (the host checks include it without them).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -69,6 +69,44 @@ struct DivSums {
   float d, s;
   __host__ __device__ __forceinline__ DivSums operator+(const DivSums& o) const { return {d + o.d, s + o.s}; }
 };
+
+// ---- vector loads and stores (device only) ----
+// Raw storage of N elements of T moved in one instruction (N * sizeof(T) in {2, 4, 8, 16} bytes).
+template <int BYTES> struct RawVec;
+template <> struct RawVec<2> { using type = unsigned short; };
+template <> struct RawVec<4> { using type = unsigned int; };
+template <> struct RawVec<8> { using type = uint2; };
+template <> struct RawVec<16> { using type = uint4; };
+
+template <typename T, int N>
+union Pack {
+  using Raw = typename RawVec<N * sizeof(T)>::type;
+  Raw raw;
+  T v[N];
+};
+
+// Load N consecutive elements (ptr aligned to N * sizeof(T)) as floats. STREAM: last use of the data (evict-first).
+template <typename T, int N, bool STREAM = false>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[N]) {
+  Pack<T, N> pk;
+  using Raw = typename Pack<T, N>::Raw;
+  if constexpr (STREAM) {
+    pk.raw = __ldcs(reinterpret_cast<const Raw*>(ptr));
+  } else {
+    pk.raw = __ldg(reinterpret_cast<const Raw*>(ptr));
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = to_float(pk.v[k]);
+}
+
+// Store N floats as consecutive elements of T, streaming (written once, not re-read by the kernel).
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[N]) {
+  Pack<T, N> pk;
+#pragma unroll
+  for (int k = 0; k < N; ++k) pk.v[k] = from_float<T>(in[k]);
+  __stcs(reinterpret_cast<typename Pack<T, N>::Raw*>(ptr), pk.raw);
+}
 
 }  // namespace cuda
 }  // namespace ued_fast
