@@ -70,43 +70,9 @@ constexpr double kL2ResidentFraction = 0.5;
 using cuda::from_float;
 using cuda::kLn2;
 using cuda::kLog2e;
+using cuda::load_vec;
+using cuda::store_vec;
 using cuda::to_float;
-
-// Raw storage of N elements of T loaded in one instruction (N * sizeof(T) in {2, 4, 8, 16} bytes).
-template <int BYTES> struct RawVec;
-template <> struct RawVec<2> { using type = unsigned short; };
-template <> struct RawVec<4> { using type = unsigned int; };
-template <> struct RawVec<8> { using type = uint2; };
-template <> struct RawVec<16> { using type = uint4; };
-
-template <typename T, int N>
-union Pack {
-  using Raw = typename RawVec<N * sizeof(T)>::type;
-  Raw raw;
-  T v[N];
-};
-
-// Load N consecutive elements as floats. STREAM: last use of the data (evict-first).
-template <typename T, int N, bool STREAM = false>
-__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[N]) {
-  Pack<T, N> pk;
-  using Raw = typename Pack<T, N>::Raw;
-  if constexpr (STREAM) {
-    pk.raw = __ldcs(reinterpret_cast<const Raw*>(ptr));
-  } else {
-    pk.raw = __ldg(reinterpret_cast<const Raw*>(ptr));
-  }
-#pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = to_float(pk.v[k]);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int k = 0; k < N; ++k) pk.v[k] = from_float<T>(in[k]);
-  __stcs(reinterpret_cast<typename Pack<T, N>::Raw*>(ptr), pk.raw);  // written once, not re-read here
-}
 
 // Teacher value in log units: logits/log_probs as they are, probs as log2 (0 -> -inf).
 __host__ __device__ __forceinline__ float teacher_log_units(float t, int kind) {

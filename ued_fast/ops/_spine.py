@@ -46,7 +46,7 @@ BACKEND_TABLE: dict[str, BackendRule] = {
     # Runs the ensemble row kernel on each chunk: the same teacher limit.
     "fused_linear_ensemble_kd_loss": BackendRule(_backend.BACKENDS, "hidden",
                                                  max_teachers=(("cuda", CUDA_MAX_TEACHERS),)),
-    "sparse_kd_loss": BackendRule(("reference", "cpp", "triton"), "student"),
+    "sparse_kd_loss": BackendRule(_backend.BACKENDS, "student"),
 }
 
 
