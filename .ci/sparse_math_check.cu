@@ -1,5 +1,5 @@
 // Host-side check of csrc/sparse_kd_loss_cuda.cu's algorithm against a dense float64 reference written
-// from docs/sparse_kernel_contract.md: the kernel's own per-thread functions run for NT simulated threads
+// from docs/DESIGN.md 2.5 (the kernel contract): the kernel's own per-thread functions run for NT simulated threads
 // (strided VEC-wide vectors, the warps' running pointers into the sorted support, the reductions'
 // merge trees), then the (k+1)-category row math and the gradient writer. Random rows over: the three
 // divergences (jsd with beta 0, 0.3, 1), 'rest' -inf or finite, no target / target / ignored, inv_t 1

@@ -1,5 +1,5 @@
 // CUDA kernel of ued_fast::sparse_kd_loss_fwd: KD from a sparse (top-k) teacher (arguments and semantics:
-// docs/sparse_kernel_contract.md; schema and CPU kernel: csrc/sparse_kd_loss.cpp). Not yet run on a GPU;
+// the kernel contract, docs/DESIGN.md 2.5; schema and CPU kernel: csrc/sparse_kd_loss.cpp). Not yet run on a GPU;
 // compile check without one: .ci/check_cuda.sh csrc/sparse_kd_loss_cuda.cu
 //
 // One CTA per row (NT threads, chosen from C). The teacher is k (index, log p) entries plus 'rest'; the
