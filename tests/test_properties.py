@@ -214,3 +214,59 @@ def test_grouped_heads_matches_reference(backend):
             _close(a.grad, b.grad, otol * 2, otol * 2 * (1 + float(b.grad.abs().max())), f"grad {name}")
 
     check()
+
+
+@st.composite
+def sparse_cases(draw, max_c):
+    """A student, a teacher's top-k (unsorted entries, some padding), a target, and valid settings."""
+    n = draw(st.integers(1, 7))
+    c = draw(st.integers(1, max_c))
+    k = draw(st.integers(1, c))
+    dtype, scale, g = _draw_dtype_scale_generator(draw, [1.0, 30.0, 1e4])
+    student = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    convention = draw(st.sampled_from(["zero", "symmetric_uniform"]))
+    values_kind = "log_probs" if convention == "symmetric_uniform" else draw(st.sampled_from(["log_probs", "logits"]))
+    divergence = draw(st.sampled_from(["forward_kl", "jsd"] + (["reverse_kl"] if convention != "zero" else [])))
+    teacher = torch.randn(n, c, generator=g, dtype=torch.float64) * draw(st.sampled_from([1.0, 5.0]))
+    scores = torch.log_softmax(teacher, -1) if values_kind == "log_probs" else teacher
+    order = torch.rand(n, c, generator=g).argsort(-1)[:, :k]  # any k distinct classes, in any order
+    values = scores.gather(-1, order)
+    values[torch.rand(n, k, generator=g) < 0.2] = -math.inf  # padding
+    if convention == "zero":  # a row of padding only has no teacher there (an error)
+        values[:, 0] = scores.gather(-1, order[:, :1])[:, 0]
+    target = None
+    if draw(st.booleans()):
+        target = torch.randint(0, c, (n,), generator=g)
+        target[torch.rand(n, generator=g) < 0.3] = -100
+    kwargs = dict(
+        temperature=draw(st.sampled_from([0.5, 1.0, 2.0, 4.0])),
+        teacher_temperature=draw(st.sampled_from([None, 1.0, 3.0])),
+        alpha=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        t2_scale=draw(st.booleans()),
+        reduction=draw(st.sampled_from(["none", "sum", "batchmean", "mean"])),
+        convention=convention, values_kind=values_kind, divergence=divergence,
+        beta=draw(st.sampled_from([0.0, 0.3, 1.0])),
+    )
+    return student, order, values, target, kwargs, scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_kd_loss_matches_reference(backend):
+    @_settings(backend)
+    @given(sparse_cases(MAX_C.get(backend, 300)))
+    def check(case):
+        student, indices, values, target, kwargs, scale = case
+        s = student.detach().requires_grad_(True)
+        loss = ued_fast.sparse_kd_loss(s, indices, values, target, backend=backend, **kwargs)
+        s64 = student.detach().double().requires_grad_(True)
+        ref = ued_fast.sparse_kd_loss_reference(s64, indices, values, target, **kwargs)
+        _close_loss(loss, ref, kwargs, scale, student.shape[1])
+        if not bool(torch.isfinite(ref).all()):  # reverse_kl: +inf where the student has mass the teacher lacks
+            return
+        g = torch.randn(ref.shape, dtype=torch.float64) if ref.dim() else torch.tensor(0.7, dtype=torch.float64)
+        (loss * g.to(loss.dtype)).sum().backward()
+        (ref * g).sum().backward()
+        _close_student_grad(s.grad, s64.grad, student.dtype)
+        assert s.grad.dtype == student.dtype
+
+    check()

@@ -342,6 +342,8 @@ def _bad_cases():
         (dict(values=values[:, :2]), ValueError, "values must have the shape of indices"),
         (dict(indices=indices + 13), ValueError, r"indices holds 1[3-9].*outside \[0, 13\)"),
         (dict(indices=dup), ValueError, "indices repeats a class in row 4"),
+        (dict(values=values.clone().index_fill_(0, torch.tensor([3]), -math.inf)), ValueError,
+         "values has no finite entry in row 3"),
         (dict(target=target.float()), TypeError, "target must be int64"),
         (dict(target=target.clone().fill_(13)), ValueError, "target holds class 13"),
         (dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),

@@ -26,9 +26,11 @@ distillkit/lossfuncs/kl.py sparse_kl_div, distillkit/lossfuncs/jsd.py sparse_js_
   the (k+1)-category distributions (teacher: k stored entries + 'rest', 0 under 'zero'; student: its
   mass at the k indices + the mass elsewhere). DistillKit's own sparse JSD is beta = 0.5.
 - Padding: an entry whose value is -inf holds no teacher mass and is not part of the support (pad a row
-  with any in-range index and value -inf). Duplicate indices among the finite entries are an error
-  (DistillKit does not check them; they would count the student's mass at that index twice). The check
-  reads the indices, so it runs for CPU tensors only (as ued_fast's target check does).
+  with any in-range index and value -inf). Under 'zero' every row needs one finite entry (a row of padding
+  only has no teacher distribution: an error on CPU tensors, an undefined row on accelerators). Duplicate
+  indices among the finite entries are an error (DistillKit does not check them; they would count the
+  student's mass at that index twice). These checks read the values, so they run for CPU tensors only
+  (as ued_fast's target check does).
 
 sparse_kd_loss_reference densifies the student's side and is the spec (backend 'reference'). The native
 backends ('cpp' csrc/sparse_kd_loss.cpp, 'cuda' csrc/sparse_kd_loss_cuda.cu, 'triton' kernels/sparse_kd_loss.py)
@@ -109,15 +111,21 @@ def _check_args(student, indices, values, target, temperature, alpha, t2_scale, 
                          "outside its top-k where the student has some); use convention='symmetric_uniform'")
     _checks.check_target(OP, target, student, ignore_index)
     if indices.device.type == "cpu" and not _checks._is_fake(indices):
-        _check_index_values(indices, values, student.shape[1])
+        _check_index_values(indices, values, student.shape[1], convention)
 
 
-def _check_index_values(indices: torch.Tensor, values: torch.Tensor, num_classes: int) -> None:
-    """Indices in [0, C); no index twice among a row's finite (non-padding) entries."""
+def _check_index_values(indices: torch.Tensor, values: torch.Tensor, num_classes: int, convention: str) -> None:
+    """Indices in [0, C); no index twice among a row's finite (non-padding) entries; under 'zero' at least
+    one finite entry per row (else that row's teacher has no distribution at all)."""
     bad = (indices < 0) | (indices >= num_classes)
     if bool(bad.any()):
         raise ValueError(f"{OP}: indices holds {int(indices[bad][0])}, outside [0, {num_classes})")
     live = values > -math.inf
+    if convention == "zero" and not bool(live.any(dim=-1).all()):
+        row = int((~live.any(dim=-1)).nonzero()[0])
+        raise ValueError(f"{OP}: values has no finite entry in row {row}: under convention='zero' that row's teacher "
+                         "has no distribution (give such rows target=ignore_index and keep one entry, or use "
+                         "convention='symmetric_uniform')")
     k = indices.shape[1]
     # Padding entries get distinct negative keys so that they never collide.
     keys = torch.where(live, indices, -1 - torch.arange(k, device=indices.device)).sort(dim=-1).values
