@@ -53,6 +53,24 @@ def _close_student_grad(grad, grad64, dtype):
     _close(grad, grad64, gtol, gtol * (1 + float(grad64.abs().max())), "grad")
 
 
+def _check_kd_op(op, reference, student, constants, kwargs, scale, backend):
+    """op(student, *constants) on `backend` against reference(student in float64, *constants): the loss,
+    and where the reference is finite, the student's gradient under a random upstream gradient."""
+    s = student.detach().requires_grad_(True)
+    loss = op(s, *constants, backend=backend, **kwargs)
+    s64 = student.detach().double().requires_grad_(True)
+    ref = reference(s64, *[c.double() if torch.is_tensor(c) and c.is_floating_point() else c for c in constants],
+                    **kwargs)
+    _close_loss(loss, ref, kwargs, scale, student.shape[1])
+    if not bool(torch.isfinite(ref).all()):  # reverse_kl: +inf where the student has mass the teacher lacks
+        return
+    g = torch.randn(ref.shape, dtype=torch.float64) if ref.dim() else torch.tensor(0.7, dtype=torch.float64)
+    (loss * g.to(loss.dtype)).sum().backward()
+    (ref * g).sum().backward()
+    _close_student_grad(s.grad, s64.grad, student.dtype)
+    assert s.grad.dtype == student.dtype
+
+
 def _draw_dtype_scale_generator(draw, scales):
     """An input dtype, a logit scale and a seeded torch generator, all drawn."""
     dtype = draw(st.sampled_from(DTYPES))
@@ -100,16 +118,7 @@ def test_kd_loss_matches_reference(backend):
     @given(kd_cases(MAX_C.get(backend, 300)))
     def check(case):
         student, teacher, target, kwargs, scale = case
-        s = student.detach().requires_grad_(True)
-        loss = ued_fast.kd_loss(s, teacher, target, backend=backend, **kwargs)
-        s64 = student.detach().double().requires_grad_(True)
-        ref = kd_loss_reference(s64, teacher.double(), target, **kwargs)
-        _close_loss(loss, ref, kwargs, scale, student.shape[1])
-        g = torch.randn(ref.shape, dtype=torch.float64) if ref.dim() else torch.tensor(0.7, dtype=torch.float64)
-        (loss * g.to(loss.dtype)).sum().backward()
-        (ref * g).sum().backward()
-        _close_student_grad(s.grad, s64.grad, student.dtype)
-        assert s.grad.dtype == student.dtype
+        _check_kd_op(ued_fast.kd_loss, kd_loss_reference, student, (teacher, target), kwargs, scale, backend)
 
     check()
 
@@ -256,17 +265,7 @@ def test_sparse_kd_loss_matches_reference(backend):
     @given(sparse_cases(MAX_C.get(backend, 300)))
     def check(case):
         student, indices, values, target, kwargs, scale = case
-        s = student.detach().requires_grad_(True)
-        loss = ued_fast.sparse_kd_loss(s, indices, values, target, backend=backend, **kwargs)
-        s64 = student.detach().double().requires_grad_(True)
-        ref = ued_fast.sparse_kd_loss_reference(s64, indices, values, target, **kwargs)
-        _close_loss(loss, ref, kwargs, scale, student.shape[1])
-        if not bool(torch.isfinite(ref).all()):  # reverse_kl: +inf where the student has mass the teacher lacks
-            return
-        g = torch.randn(ref.shape, dtype=torch.float64) if ref.dim() else torch.tensor(0.7, dtype=torch.float64)
-        (loss * g.to(loss.dtype)).sum().backward()
-        (ref * g).sum().backward()
-        _close_student_grad(s.grad, s64.grad, student.dtype)
-        assert s.grad.dtype == student.dtype
+        _check_kd_op(ued_fast.sparse_kd_loss, ued_fast.sparse_kd_loss_reference, student, (indices, values, target),
+                     kwargs, scale, backend)
 
     check()
