@@ -136,24 +136,22 @@ def _check_index_values(indices: torch.Tensor, values: torch.Tensor, num_classes
                          "(pad with value -inf instead)")
 
 
-def _teacher_side(values, temperature, alpha, t2_scale, has_target, convention, teacher_temperature):
-    """(compute dtype, live entries [N, k], teacher log-probs [N, k+1], kd_coef, ce_coef) of checked inputs."""
-    cd = compute_dtype(values.dtype)
+def _teacher_side(values, temperature, convention, teacher_temperature):
+    """(live entries [N, k], teacher log-probs [N, k+1]) of checked values, in the values' dtype."""
     live = values > -math.inf
     t_teacher = temperature if teacher_temperature is None else teacher_temperature
-    log_p = teacher_log_probs_ext(values.detach().to(cd), live, t_teacher, convention)
-    s2 = temperature * temperature if t2_scale else 1.0
-    kd_coef, ce_coef = (alpha * s2, 1.0 - alpha) if has_target else (s2, 0.0)
-    return cd, live, log_p, kd_coef, ce_coef
+    return live, teacher_log_probs_ext(values.detach(), live, t_teacher, convention)
 
 
 def _prepare(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index, convention,
              values_kind, divergence, beta, teacher_temperature):
-    """Checks, then _teacher_side (in the student's compute dtype)."""
+    """Checks, then (compute dtype, live entries, teacher log-probs in the compute dtype, kd_coef, ce_coef)."""
     _check_args(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index,
                 convention, values_kind, divergence, beta, teacher_temperature)
-    return _teacher_side(values.to(compute_dtype(student.dtype)), temperature, alpha, t2_scale, target is not None,
-                         convention, teacher_temperature)
+    cd = compute_dtype(student.dtype)
+    live, log_p = _teacher_side(values.to(cd), temperature, convention, teacher_temperature)
+    c = _spine.kd_coefficients(temperature, alpha, t2_scale, target is not None)
+    return cd, live, log_p, c.kd_coef, c.ce_coef
 
 
 def sparse_kd_loss_reference(
@@ -202,8 +200,8 @@ def _forward(student: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
              values_kind: str, divergence: str, beta: float, teacher_temperature: float | None, backend: str,
              compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The custom op's body on checked inputs: (loss, grad of the row losses [N, C] or empty, reduction scale)."""
-    _, live, log_p, _, _ = _teacher_side(values.to(compute_dtype(student.dtype)), temperature, alpha, t2_scale,
-                                         target is not None, convention, teacher_temperature)
+    live, log_p = _teacher_side(values.to(compute_dtype(student.dtype)), temperature, convention,
+                                teacher_temperature)
     sorted_indices, sorted_log_p = kernel_inputs(indices, live, log_p)
     c = _spine.kd_coefficients(temperature, alpha, t2_scale, target is not None, divergence=divergence, beta=beta)
     rows, grad = _spine.native_op(backend, OP, f"{OP}_fwd")(
