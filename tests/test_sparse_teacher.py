@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import ued_fast.ops.sparse_kd_loss as st
 from ued_fast.ops import _spine
 from ued_fast.reference import kd_loss_reference
-from ued_fast.ops.sparse_kd_loss import sparse_kd_loss, sparse_kd_loss_reference
+from ued_fast.ops.sparse_kd_loss import SparseKDLoss, sparse_kd_loss, sparse_kd_loss_reference
 
 from conftest import TensorSizeWatch
 
@@ -408,3 +408,29 @@ def test_no_dense_teacher_only_the_gradient_is_n_by_c(backend, convention, diver
     with TensorSizeWatch(n * c) as dense:
         sparse_kd_loss_reference(student, indices, values, target, convention=convention, divergence=divergence)
     assert len(dense.storages) > 1
+
+
+def test_opcheck():
+    """The custom op's schema, fake kernel and autograd registration (torch.library.opcheck)."""
+    student, indices, values, target = make_case(n=6, c=10, k=3, dtype=torch.float32, pad=1)
+    student.requires_grad_()
+    for reduction, tgt, convention in [("batchmean", target, "zero"), ("none", None, "symmetric_uniform"),
+                                       ("mean", target, "symmetric_uniform")]:
+        args = (student, indices, values, tgt, 2.0, 0.5, True, reduction, IGNORE, convention, "log_probs", "jsd", 0.3,
+                None, "cpp", True)
+        torch.library.opcheck(st._sparse_kd_loss_op, args)
+
+
+def test_module_form_keeps_its_settings():
+    student, indices, values, target = make_case(n=6, c=10, k=3, pad=1)
+    kw = dict(temperature=2.0, alpha=0.3, convention="symmetric_uniform", divergence="reverse_kl", beta=0.2,
+              teacher_temperature=1.5, reduction="sum")
+    module = SparseKDLoss(**kw)
+    torch.testing.assert_close(module(student, indices, values, target),
+                               sparse_kd_loss(student, indices, values, target, **kw), rtol=0, atol=0)
+    assert "convention='symmetric_uniform'" in repr(module)
+    module.divergence = "jsd"  # a later assignment counts
+    torch.testing.assert_close(module(student, indices, values, target),
+                               sparse_kd_loss(student, indices, values, target, **dict(kw, divergence="jsd")))
+    with pytest.raises(ValueError, match="SparseKDLoss: convention must be one of"):
+        SparseKDLoss(convention="uniform")

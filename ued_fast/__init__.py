@@ -9,7 +9,7 @@ from .ops._checks import set_input_checks
 from .ops.kd_loss import KDLoss, kd_loss
 from .presets import PRESET_DIFFERENCES, PRESETS, preset_kwargs
 from .reference import ensemble_kd_loss_reference, grouped_heads_reference, kd_loss_reference
-from .ops.sparse_kd_loss import sparse_kd_loss, sparse_kd_loss_reference
+from .ops.sparse_kd_loss import SparseKDLoss, sparse_kd_loss, sparse_kd_loss_reference
 
 _load_extension()
 
@@ -19,5 +19,5 @@ __all__ = [
     "kd_loss_reference", "ensemble_kd_loss_reference", "grouped_heads_reference", "available_backends",
     "fused_linear_kd_loss", "FusedLinearKDLoss", "fused_linear_ensemble_kd_loss", "FusedLinearEnsembleKDLoss",
     "set_input_checks", "PRESETS", "PRESET_DIFFERENCES", "preset_kwargs", "sparse_kd_loss",
-    "sparse_kd_loss_reference",
+    "sparse_kd_loss_reference", "SparseKDLoss",
 ]

@@ -44,6 +44,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import _checks, _spine
 from ..reference import REDUCTIONS, _reduce, compute_dtype, divergence_rows
@@ -263,3 +264,27 @@ def sparse_kd_loss(
     return _AUTOGRAD.loss(_EagerSparseKDLoss, _checks.last_dim_contiguous(student), indices, values.detach(), target,
                           temperature, alpha, t2_scale, reduction, ignore_index, convention, values_kind, divergence,
                           beta, teacher_temperature, chosen, compute_grad)
+
+
+class SparseKDLoss(_spine.KDModuleSettings, nn.Module):
+    """nn.Module form of sparse_kd_loss: SparseKDLoss(temperature=4.0, ...)(student, indices, values, target=None)."""
+
+    def __init__(self, *, temperature: float = 4.0, alpha: float = 0.9, t2_scale: bool = True,
+                 reduction: str = "batchmean", ignore_index: int = -100, convention: str = "zero",
+                 values_kind: str = "log_probs", divergence: str = "forward_kl", beta: float = 0.5,
+                 teacher_temperature: float | None = None, backend: str | None = None):
+        super().__init__()
+        name = "SparseKDLoss"
+        _checks.check_kd_scalars(name, temperature, alpha, t2_scale, ignore_index)
+        _checks.check_choice(name, "reduction", reduction, REDUCTIONS)
+        _checks.check_choice(name, "convention", convention, CONVENTIONS)
+        _checks.check_choice(name, "values_kind", values_kind, VALUE_KINDS)
+        _checks.check_divergence_args(name, divergence, beta, teacher_temperature)
+        self.store_settings(temperature=float(temperature), alpha=float(alpha), t2_scale=t2_scale,
+                            reduction=reduction, ignore_index=ignore_index, convention=convention,
+                            values_kind=values_kind, divergence=divergence, beta=float(beta),
+                            teacher_temperature=teacher_temperature, backend=backend)
+
+    def forward(self, student: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                target: torch.Tensor | None = None) -> torch.Tensor:
+        return sparse_kd_loss(student, indices, values, target, **self.settings())
