@@ -47,6 +47,8 @@ BACKEND_TABLE: dict[str, BackendRule] = {
     "fused_linear_ensemble_kd_loss": BackendRule(_backend.BACKENDS, "hidden",
                                                  max_teachers=(("cuda", CUDA_MAX_TEACHERS),)),
     "sparse_kd_loss": BackendRule(_backend.BACKENDS, "student"),
+    # Runs the sparse_kd_loss row kernel on each chunk.
+    "fused_linear_sparse_kd_loss": BackendRule(_backend.BACKENDS, "hidden"),
 }
 
 

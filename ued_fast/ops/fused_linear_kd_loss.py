@@ -14,6 +14,10 @@ factor, which comes from `target` on the device (no host synchronization). Backw
 multiply by grad_output (a second backward through the same graph runs the pass again). reduction='none' cannot fold a per-row grad_output into grad_W ahead of time, so its
 backward runs the chunked pass again with grad_output as per-row weights.
 
+A sparse (top-k) teacher (fused_linear_sparse_kd_loss) reaches the pass as its kernel form (sorted
+indices [N, k] and log-probs [N, k+1], ops/_sparse_teacher.py), sliced per chunk like teacher logits,
+and each chunk calls the sparse_kd_loss row kernel (docs/DESIGN.md 2.5) instead.
+
 Memory beyond the inputs and the parameter-sized gradients: O(chunk_size x V). chunk_size=None picks
 the rows whose per-chunk temporaries fit in CHUNK_BYTES.
 """
@@ -26,11 +30,14 @@ from torch import nn
 
 from ..reference import (MIXES, REDUCTIONS, TEACHER_KINDS, compute_dtype, ensemble_kd_loss_reference,
                          kd_loss_reference)
-from . import _checks, _spine
+from . import _checks, _sparse_teacher, _spine
 from ._spine import DEFAULT_BETA, DEFAULT_DIVERGENCE, DEFAULT_IGNORE_INDEX, DEFAULT_REDUCTION
 
 OP = "fused_linear_kd_loss"
 ENSEMBLE_OP = "fused_linear_ensemble_kd_loss"
+SPARSE_OP = "fused_linear_sparse_kd_loss"
+# The pass's teacher_kind for a sparse teacher: teachers = [sorted indices, log_p], not logits.
+SPARSE_TEACHER = "sparse"
 # Per-chunk temporaries (logits, their gradient, teacher logits) are sized to stay under this.
 CHUNK_BYTES = 256 * 2**20
 # An LM head's defaults (not kd_loss's image-classification ones).
@@ -60,6 +67,12 @@ def _add_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def _row_kernel(backend, ensemble, logits, teacher_chunks, mix_weights, target, coefficients, ignore_index,
                 teacher_kind, mix, compute_grad):
     """Row losses [n] and d row_loss / d logits [n, V] (or empty) of one chunk."""
+    if teacher_kind == SPARSE_TEACHER:
+        indices, log_p = teacher_chunks
+        c = coefficients
+        return _spine.native_op(backend, "sparse_kd_loss", "sparse_kd_loss_fwd")(
+            logits, indices, log_p, target, c.inv_student_temp, c.kd_coef, c.ce_coef, c.divergence, c.beta,
+            ignore_index, compute_grad)
     if ensemble:
         teacher_chunks = [t.to(logits.dtype) for t in teacher_chunks]  # the kernels read the student's dtype
         return _spine.native_forward("ensemble_kd_loss", backend, logits, teacher_chunks, mix_weights, target,
@@ -501,6 +514,61 @@ def fused_linear_ensemble_kd_loss(
     return loss
 
 
+def fused_linear_sparse_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    alpha: float = DEFAULT_ALPHA,
+    t2_scale: bool = True,
+    reduction: str = DEFAULT_REDUCTION,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    convention: str = "zero",
+    values_kind: str = "log_probs",
+    divergence: str = DEFAULT_DIVERGENCE,
+    beta: float = DEFAULT_BETA,
+    teacher_temperature: float | None = None,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """sparse_kd_loss(hidden @ weight.T + bias, indices, values, target, ...) without the [N, V] logits: an
+    LM head distilled from a teacher stored as its top-k per token (offline distillation).
+
+    hidden [N, H], weight [V, H], bias [V] or None as fused_linear_kd_loss; indices [N, k] int64 and values
+    [N, k] (the teacher's top-k log-probs or logits, -inf = padding) with the convention, values_kind,
+    divergence, beta and teacher_temperature of sparse_kd_loss. Per chunk of rows: the chunk's logits, then
+    the sparse_kd_loss kernel (no dense teacher anywhere), then the gradients of hidden, weight and bias
+    accumulated as fused_linear_kd_loss does. backend: None, 'cpp', 'cuda', 'triton', 'reference'.
+    """
+    op = SPARSE_OP
+    _check_head(op, hidden, weight, bias)
+    v = weight.shape[0]
+    _check_common(op, temperature, alpha, t2_scale, reduction, ignore_index, chunk_size, divergence, beta,
+                  teacher_temperature)
+    _sparse_teacher.check_sparse_teacher(op, indices, values, hidden, "hidden", v, convention, values_kind,
+                                         divergence)
+    _checks.check_target(op, target, hidden, ignore_index, "hidden", num_classes=v)
+    temperature, alpha, beta, teacher_temperature = _spine.kd_scalars(temperature, alpha, beta, teacher_temperature)
+    chosen = _spine.resolve_backend(op, backend, hidden)
+    if chosen == "reference":
+        return _sparse_teacher.sparse_kd_loss_reference(
+            _linear(hidden, weight, bias), indices, values, target, temperature=temperature, alpha=alpha,
+            t2_scale=t2_scale, reduction=reduction, ignore_index=ignore_index, convention=convention,
+            values_kind=values_kind, divergence=divergence, beta=beta, teacher_temperature=teacher_temperature)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(hidden.shape[0], v, hidden.dtype, 0)
+    sorted_indices, log_p = _sparse_teacher.native_inputs(indices, values.detach(), hidden, temperature, convention,
+                                                          teacher_temperature)
+    loss, _, _, _ = _loss_op(hidden, weight, bias, [sorted_indices, log_p], [], [], None, target, temperature, alpha,
+                             t2_scale, reduction, ignore_index, SPARSE_TEACHER, "prob", False, chosen, chunk_size,
+                             *_needs(hidden, weight, bias), divergence, beta, teacher_temperature)
+    return loss
+
+
 class FusedLinearKDLoss(_spine.KDModuleSettings, nn.Module):
     """nn.Module form of fused_linear_kd_loss:
     FusedLinearKDLoss(temperature=1.0, alpha=0.5, ...)(hidden, weight, teacher, target=None, bias=None,
@@ -547,3 +615,27 @@ class FusedLinearEnsembleKDLoss(_spine.KDModuleSettings, nn.Module):
         return fused_linear_ensemble_kd_loss(
             hidden, weight, teachers, target, weights=weights, bias=bias, teacher_weights=teacher_weights,
             teacher_biases=teacher_biases, **self.settings())
+
+
+class FusedLinearSparseKDLoss(_spine.KDModuleSettings, nn.Module):
+    """nn.Module form of fused_linear_sparse_kd_loss: forward(hidden, weight, indices, values, target=None,
+    bias=None)."""
+
+    def __init__(self, *, temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
+                 t2_scale: bool = True, reduction: str = DEFAULT_REDUCTION, ignore_index: int = DEFAULT_IGNORE_INDEX,
+                 convention: str = "zero", values_kind: str = "log_probs", divergence: str = DEFAULT_DIVERGENCE,
+                 beta: float = DEFAULT_BETA, teacher_temperature: float | None = None, chunk_size: int | None = None,
+                 backend: str | None = None):
+        super().__init__()
+        name = "FusedLinearSparseKDLoss"
+        _check_common(name, temperature, alpha, t2_scale, reduction, ignore_index, chunk_size, divergence, beta,
+                      teacher_temperature)
+        _checks.check_choice(name, "convention", convention, _sparse_teacher.CONVENTIONS)
+        _checks.check_choice(name, "values_kind", values_kind, _sparse_teacher.VALUE_KINDS)
+        self.store_settings(temperature=float(temperature), alpha=float(alpha), t2_scale=t2_scale,
+                            reduction=reduction, ignore_index=ignore_index, convention=convention,
+                            values_kind=values_kind, divergence=divergence, beta=float(beta),
+                            teacher_temperature=teacher_temperature, chunk_size=chunk_size, backend=backend)
+
+    def forward(self, hidden, weight, indices, values, target=None, *, bias=None):
+        return fused_linear_sparse_kd_loss(hidden, weight, indices, values, target, bias=bias, **self.settings())
