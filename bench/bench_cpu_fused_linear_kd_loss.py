@@ -10,6 +10,13 @@ Methods:
             the same loss at T=1: 0.5 * CE + 0.5 * KL over non-ignored rows), its torch.compile'd chunk
             step and its default chunk_size=1024, on CPU tensors
 
+With a sparse teacher (`--methods sparse-fused,sparse-eager,sparse-compiled --out
+bench/results/cpu_fused_linear_sparse`): the teacher is stored as the top-K_SPARSE log-probs of its logits
+(made once with the inputs, as offline distillation stores them), 'zero' convention, forward KL.
+  sparse-fused     ued_fast.fused_linear_sparse_kd_loss (the C++ sparse row kernel per chunk)
+  sparse-eager     materialize the student's [N, V] logits, sparse_kd_loss_reference, autograd
+  sparse-compiled  torch.compile of `sparse-eager`
+
 Memory: each (case, method) runs in a fresh subprocess: inputs are made, one warm-up step runs
 (compilation happens there), the peak-RSS counter is reset (/proc/self/clear_refs), one step runs, and
 the peak RSS minus the RSS before that step is the memory the step needed (inputs excluded; the
@@ -35,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("fused", "eager", "compiled", "liger")
+SPARSE_METHODS = ("sparse-fused", "sparse-eager", "sparse-compiled")
+K_SPARSE = 64
 # (N, H, V): the 128k-vocabulary case is sized down to N=1024 rows so that every process, eager
 # included, stays under ~6 GiB on the shared 24 GiB build machine.
 CASES = ((4096, 1024, 32000), (1024, 1024, 128256))
@@ -66,6 +75,15 @@ def _inputs(n, h, v):
     return hidden, weight, t_hidden, t_weight, target
 
 
+def _sparse_teacher(t_hidden, t_weight):
+    """The teacher's top-K_SPARSE (log-probs, indices), made row block by row block."""
+    import torch
+
+    with torch.no_grad():
+        parts = [torch.log_softmax(t @ t_weight.T, -1).topk(K_SPARSE, dim=-1) for t in t_hidden.split(256)]
+    return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+
+
 def _make_step(method, inputs):
     import torch
 
@@ -74,7 +92,22 @@ def _make_step(method, inputs):
     hidden, weight, t_hidden, t_weight, target = inputs
     params = (hidden, weight)
 
-    if method == "fused":
+    if method.startswith("sparse-"):
+        values, indices = _sparse_teacher(t_hidden, t_weight)
+        if method == "sparse-fused":
+            def loss_fn():
+                return ued_fast.fused_linear_sparse_kd_loss(hidden, weight, indices, values, target, temperature=1.0,
+                                                            alpha=0.5)
+        else:
+            def eager(hidden, weight, indices, values, target):
+                return ued_fast.sparse_kd_loss_reference(hidden @ weight.T, indices, values, target, temperature=1.0,
+                                                         alpha=0.5)
+
+            fn = torch.compile(eager) if method == "sparse-compiled" else eager
+
+            def loss_fn():
+                return fn(hidden, weight, indices, values, target)
+    elif method == "fused":
         def loss_fn():
             return ued_fast.fused_linear_kd_loss(hidden, weight, t_hidden, target, teacher_weight=t_weight,
                                                  temperature=1.0, alpha=0.5)
@@ -182,30 +215,41 @@ def run_worker(role, methods, n, h, v, reps, timeout):
 def write_results(results, info, out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+    sparse = all(r["method"].startswith("sparse-") for r in results)
+    title = ("# fused_linear_sparse_kd_loss on CPU (a top-k teacher): one forward+backward, time and measured "
+             "peak memory" if sparse else "# fused_linear_kd_loss on CPU: one forward+backward, time and measured peak memory")
+    teacher_line = (f"Student hidden [N, H] and head [V, H] trained; the teacher stored as its top-{K_SPARSE} log-probs "
+                    "per row (made with the inputs), 'zero' convention, forward KL; the eager/compiled spec "
+                    "materializes the student's [N, V] logits" if sparse else
+                    "Student hidden [N, H] and head [V, H] trained, teacher hidden [N, H] and head [V, H] frozen (teacher "
+                    "logits made per chunk by the fused op and by Liger, materialized by eager/compiled)")
+    command = ("`PYTHONPATH=. python bench/bench_cpu_fused_linear_kd_loss.py --methods "
+               "sparse-fused,sparse-eager,sparse-compiled --out bench/results/cpu_fused_linear_sparse`" if sparse else
+               "`PYTHONPATH=. python bench/bench_cpu_fused_linear_kd_loss.py`")
     lines = [
-        "# fused_linear_kd_loss on CPU: one forward+backward, time and measured peak memory",
+        title,
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, no GPU; "
         f"torch {info['torch']}, Python {info['python']}, liger-kernel {info['liger_kernel']}. "
         f"Load average at start {info['load_avg_start'][0]:.2f}, at end {info['load_avg_end'][0]:.2f} "
         "(a shared machine: compare ratios within this one run, not absolute times).",
         "",
-        "Student hidden [N, H] and head [V, H] trained, teacher hidden [N, H] and head [V, H] frozen (teacher "
-        "logits made per chunk by the fused op and by Liger, materialized by eager/compiled), fp32, T=1, "
-        "alpha=0.5, batchmean, ~10% ignored rows. Peak = peak RSS during one step minus RSS before it, in a "
+        f"{teacher_line}, fp32, T=1, alpha=0.5, batchmean, ~10% ignored rows. Peak = peak RSS during one step minus RSS before it, in a "
         "fresh process per row (inputs excluded; the [N, H] and [V, H] gradients included for every method). "
         f"Time: {info['reps']} rounds in one process per case that alternate the methods on the same inputs, after "
         "a warm-up step each; the fastest round per method is reported and compared (load spikes on this shared "
-        "machine hit single rounds: every round's times are in the .json). Every method does the same "
-        "four N x V x H matrix products (student and teacher logits, the two gradients), which dominate the time "
-        "at these shapes. Command: `PYTHONPATH=. python bench/bench_cpu_fused_linear_kd_loss.py`.",
+        "machine hit single rounds: every round's times are in the .json). "
+        + ("Every method does the same three N x V x H matrix products (student logits, the two gradients). "
+           if sparse else "Every method does the same four N x V x H matrix products (student and teacher logits, "
+           "the two gradients), which dominate the time at these shapes. ")
+        + f"Command: {command}.",
         "",
         "| N, H, V | method | peak MiB | best s | median s | peak vs eager | time vs eager | loss |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for n, h, v in sorted({(r["n"], r["h"], r["v"]) for r in results}, key=lambda s: s[2]):
         rows = [r for r in results if (r["n"], r["h"], r["v"]) == (n, h, v)]
-        eager = next((r for r in rows if r["method"] == "eager" and "error" not in r), None)
+        eager = next((r for r in rows if r["method"] in ("eager", "sparse-eager") and "error" not in r), None)
         for r in rows:
             if "error" in r:
                 lines.append(f"| {n}, {h}, {v} | {r['method']} | - | - | - | - | - | failed: {r['error']} |")
