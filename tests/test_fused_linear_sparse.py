@@ -103,6 +103,13 @@ def test_16bit_inputs(backend, dtype):
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * float(b.abs().max()))
 
 
+def test_int32_indices():
+    hidden, weight, bias, indices, values, target = make_case(seed=9)
+    losses = [ued_fast.fused_linear_sparse_kd_loss(hidden, weight, idx, values, target, bias=bias, chunk_size=5)
+              for idx in (indices, indices.int())]
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+
+
 def test_module_form_and_its_settings():
     hidden, weight, bias, indices, values, target = make_case(seed=4)
     kw = dict(temperature=2.0, alpha=0.3, convention="symmetric_uniform", divergence="jsd", beta=0.2,
@@ -170,7 +177,7 @@ def test_bad_input_names_the_argument():
         (dict(indices=indices + 13), ValueError, rf"{op}: indices holds 1[3-9].*outside \[0, 13\)"),
         (dict(indices=indices[:4]), ValueError, rf"{op}: indices must be \[N, k\] = \[6"),
         (dict(values=values[:, :2]), ValueError, f"{op}: values must have the shape of indices"),
-        (dict(indices=indices.int()), TypeError, f"{op}: indices must be int64"),
+        (dict(indices=indices.short()), TypeError, f"{op}: indices must be int64 or int32, got torch.int16"),
         (dict(target=target.clone().fill_(13)), ValueError, f"{op}: target holds class 13"),
         (dict(weight=weight[:, :3]), ValueError, rf"{op}: weight must be \[V, H\]"),
         (dict(convention="uniform"), ValueError, f"{op}: convention must be one of"),

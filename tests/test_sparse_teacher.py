@@ -122,6 +122,21 @@ def test_kernel_rows_with_bad_indices_are_nan_and_the_others_intact(backend):
     torch.testing.assert_close(good_rows.double(), expected, **PRECISION[backend][1])
 
 
+@pytest.mark.parametrize("backend", NATIVE + ["reference"])
+def test_int32_indices_are_int64_indices(backend):
+    """A compact int32 store of the top-k indices gives the same loss and gradient as int64."""
+    dtype = PRECISION.get(backend, (torch.float64,))[0]
+    student, indices, values, target = make_case(k=5, seed=14, pad=1, dtype=dtype)
+    kw = dict(temperature=2.0, convention="symmetric_uniform", divergence="jsd", backend=backend)
+    results = []
+    for idx in (indices, indices.int()):
+        s = student.detach().clone().requires_grad_()
+        loss = sparse_kd_loss(s, idx, values, target, **kw)
+        loss.backward()
+        results.append((loss.detach(), s.grad))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
 BETA_CASES = [(conv, div, 0.5) for conv, div in CASES] + [
     (conv, "jsd", beta) for conv in ("zero", "symmetric_uniform") for beta in (0.0, 0.8, 1.0)]
 
@@ -337,7 +352,7 @@ def _bad_cases():
     return [
         (dict(student=student[0]), ValueError, "student must be 2-D"),
         (dict(student=student.long()), TypeError, "student must be float32"),
-        (dict(indices=indices.int()), TypeError, "indices must be int64"),
+        (dict(indices=indices.float()), TypeError, "indices must be int64 or int32, got torch.float32"),
         (dict(indices=indices[:4]), ValueError, r"indices must be \[N, k\]"),
         (dict(values=values[:, :2]), ValueError, "values must have the shape of indices"),
         (dict(indices=indices + 13), ValueError, r"indices holds 1[3-9].*outside \[0, 13\)"),

@@ -42,6 +42,7 @@ def kernel_inputs(indices: torch.Tensor, live: torch.Tensor, log_p: torch.Tensor
     """The teacher side of the kernel contract (docs/DESIGN.md 2): (indices [N, k] int64 with padding entries
     -1, each row sorted ascending, so padding comes first; log_p [N, k+1] in that order, 'rest' last), both
     contiguous. Sorted rows let a kernel find the live indices of a chunk of columns with a running pointer."""
+    indices = indices.to(torch.int64)  # int32 indices (a compact store) are widened here, O(N k)
     keys, order = torch.where(live, indices, torch.full_like(indices, -1)).sort(dim=-1)
     k = indices.shape[1]
     return keys.contiguous(), torch.cat([log_p[:, :k].gather(-1, order), log_p[:, k:]], dim=-1).contiguous()
@@ -49,14 +50,14 @@ def kernel_inputs(indices: torch.Tensor, live: torch.Tensor, log_p: torch.Tensor
 
 def check_sparse_teacher(op: str, indices: torch.Tensor, values: torch.Tensor, like: torch.Tensor, like_name: str,
                          num_classes: int, convention: str, values_kind: str, divergence: str) -> None:
-    """indices [N, k] int64 and values [N, k] on the device of `like` (the [N, ...] input named like_name),
+    """indices [N, k] int64 or int32 and values [N, k] on the device of `like` (the [N, ...] input named like_name),
     a convention and values_kind valid for the divergence; on CPU tensors the index values too (in
     [0, num_classes), none repeated, a finite entry per row under 'zero'). Reading them on an accelerator
     would synchronize with it, so there the kernels turn a bad row into NaN instead."""
     n = like.shape[0]
     _checks.check_tensor(op, "indices", indices, dims=2)
-    if indices.dtype != torch.int64:
-        raise TypeError(f"{op}: indices must be int64, got {indices.dtype}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: indices must be int64 or int32, got {indices.dtype}")
     if indices.shape[0] != n or indices.shape[1] == 0:
         raise ValueError(f"{op}: indices must be [N, k] = [{n}, k >= 1], got {tuple(indices.shape)}")
     _checks.check_tensor(op, "values", values, dims=2, floating=True)
@@ -165,6 +166,7 @@ def sparse_kd_loss_reference(
     s = student.to(cd)
     n, c = s.shape
     log_q = F.log_softmax(s / temperature, dim=-1)
+    indices = indices.to(torch.int64)
     in_support = torch.zeros(n, c, dtype=cd, device=s.device).scatter_add(-1, indices, live.to(cd)) > 0
     log_q_rest = torch.logsumexp(log_q.masked_fill(in_support, -math.inf), dim=-1, keepdim=True)
     log_q_k = torch.where(live, log_q.gather(-1, indices), torch.full_like(log_p[:, :-1], -math.inf))

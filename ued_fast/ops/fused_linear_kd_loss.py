@@ -538,7 +538,7 @@ def fused_linear_sparse_kd_loss(
     """sparse_kd_loss(hidden @ weight.T + bias, indices, values, target, ...) without the [N, V] logits: an
     LM head distilled from a teacher stored as its top-k per token (offline distillation).
 
-    hidden [N, H], weight [V, H], bias [V] or None as fused_linear_kd_loss; indices [N, k] int64 and values
+    hidden [N, H], weight [V, H], bias [V] or None as fused_linear_kd_loss; indices [N, k] int64 (or int32) and values
     [N, k] (the teacher's top-k log-probs or logits, -inf = padding) with the convention, values_kind,
     divergence, beta and teacher_temperature of sparse_kd_loss. Per chunk of rows: the chunk's logits, then
     the sparse_kd_loss kernel (no dense teacher anywhere), then the gradients of hidden, weight and bias

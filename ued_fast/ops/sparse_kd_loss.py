@@ -97,7 +97,7 @@ def sparse_kd_loss(
     teacher_temperature: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """sparse_kd_loss_reference without a dense teacher: student [N, C], indices [N, k] int64, values
+    """sparse_kd_loss_reference without a dense teacher: student [N, C], indices [N, k] int64 (or int32), values
     [N, k] (the teacher's top-k log-probs or logits), target None or int64 [N]. On a native backend one
     kernel streams the student (no host synchronization on accelerator tensors) and makes the gradient in
     the forward pass. The loss is float32 (float64 for float64 student), the gradient in the student's
