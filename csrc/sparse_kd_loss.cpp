@@ -203,18 +203,18 @@ void sparse_rows(const student_t* student, const int64_t* indices, const acc_t* 
 constexpr const char* kOp = "sparse_kd_loss_fwd";
 
 // The CPU kernel; on meta tensors (torch.compile tracing, opcheck) the output shapes and dtypes only.
-std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_fwd_cpu(const at::Tensor& student_in, const at::Tensor& indices,
+std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& indices,
                                                           const at::Tensor& log_p,
                                                           const std::optional<at::Tensor>& target_in,
                                                           double inv_student_temp, double kd_coef, double ce_coef,
                                                           int64_t divergence, double beta, int64_t ignore_index,
                                                           bool compute_grad) {
-  check_sparse_kd_loss_args(kOp, student_in, indices, log_p, target_in, inv_student_temp, kd_coef, ce_coef,
+  // The check requires unit stride along classes (any row stride), so the student is read in place.
+  check_sparse_kd_loss_args(kOp, student, indices, log_p, target_in, inv_student_temp, kd_coef, ce_coef,
                             divergence, beta);
-  if (student_in.is_meta()) return kd_outputs(student_in, compute_grad, acc_dtype(student_in.scalar_type()));
-  TORCH_CHECK_VALUE(student_in.device().is_cpu(), kOp, ": the CPU kernel takes CPU tensors only");
+  if (student.is_meta()) return kd_outputs(student, compute_grad, acc_dtype(student.scalar_type()));
+  TORCH_CHECK_VALUE(student.device().is_cpu(), kOp, ": the CPU kernel takes CPU tensors only");
   cpu::check_cpu_supports_build();
-  const at::Tensor student = student_in.stride(1) == 1 ? student_in : student_in.contiguous();
   at::Tensor target;
   if (target_in.has_value()) target = target_in->contiguous();
 

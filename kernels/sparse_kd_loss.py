@@ -1,5 +1,5 @@
 """Triton kernel of the sparse (top-k teacher) KD forward; the kernel contract (docs/DESIGN.md 2.5)
-is shared with the C++ and CUDA backends: the host (ued_fast/ops/sparse_kd_loss.py, kernel_inputs) hands over
+is shared with the C++ and CUDA backends: the host (ued_fast/ops/_sparse_teacher.py, kernel_inputs) hands over
 the teacher side as sorted indices and (k+1)-category log-probabilities, and the KD coefficients.
 
 sparse_kd_loss_fwd(student, indices, log_p, target, inv_student_temp, kd_coef, ce_coef, divergence, beta,

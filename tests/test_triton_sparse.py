@@ -1,7 +1,7 @@
 """The Triton kernel of the sparse (top-k teacher) KD forward (kernels/sparse_kd_loss.py) against the spec,
 ued_fast.sparse_kd_loss_reference in float64 (its gradient by autograd, row losses by reduction='none').
 
-The kernel's inputs are made exactly as the op makes them: ued_fast.ops.sparse_kd_loss._prepare (checks, teacher
+The kernel's inputs are made exactly as the op makes them: ued_fast.ops._sparse_teacher._prepare (checks, teacher
 log-probs with 'rest', coefficients) and kernel_inputs (sorted indices, padding -1 first). Small blocks force
 several chunks and several k-math steps on rows the interpreter can run (TRITON_INTERPRET=1 on a machine without
 a GPU).
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ued_fast.ops.sparse_kd_loss as st
+import ued_fast.ops._sparse_teacher as st
 from conftest import IGNORE_INTERPRETER_WARNINGS, triton_device_or_skip_module
 from ued_fast import sparse_kd_loss_reference
 

@@ -114,6 +114,16 @@ def native_inputs(indices: torch.Tensor, values: torch.Tensor, like: torch.Tenso
     return kernel_inputs(indices, live, log_p)
 
 
+def forward_rows(backend: str, student: torch.Tensor, indices: torch.Tensor, log_p: torch.Tensor, target,
+                 coefficients, ignore_index: int, compute_grad: bool):
+    """(row losses [N], their gradient [N, C] or empty): one sparse_kd_loss_fwd kernel call on the teacher's
+    kernel form (native_inputs), with the spine's KD coefficients (the teacher arrives tempered: no
+    inv_teacher_temp)."""
+    c = coefficients
+    return _spine.native_op(backend, OP, f"{OP}_fwd")(student, indices, log_p, target, c.inv_student_temp, c.kd_coef,
+                                                     c.ce_coef, c.divergence, c.beta, ignore_index, compute_grad)
+
+
 def _check_args(student, indices, values, target, temperature, alpha, t2_scale, reduction, ignore_index,
                 convention, values_kind, divergence, beta, teacher_temperature) -> None:
     _checks.check_tensor(OP, "student", student, dims=2, floating=True)

@@ -69,10 +69,8 @@ def _row_kernel(backend, ensemble, logits, teacher_chunks, mix_weights, target, 
     """Row losses [n] and d row_loss / d logits [n, V] (or empty) of one chunk."""
     if teacher_kind == SPARSE_TEACHER:
         indices, log_p = teacher_chunks
-        c = coefficients
-        return _spine.native_op(backend, "sparse_kd_loss", "sparse_kd_loss_fwd")(
-            logits, indices, log_p, target, c.inv_student_temp, c.kd_coef, c.ce_coef, c.divergence, c.beta,
-            ignore_index, compute_grad)
+        return _sparse_teacher.forward_rows(backend, logits, indices, log_p, target, coefficients, ignore_index,
+                                            compute_grad)
     if ensemble:
         teacher_chunks = [t.to(logits.dtype) for t in teacher_chunks]  # the kernels read the student's dtype
         return _spine.native_forward("ensemble_kd_loss", backend, logits, teacher_chunks, mix_weights, target,
@@ -561,7 +559,7 @@ def fused_linear_sparse_kd_loss(
             values_kind=values_kind, divergence=divergence, beta=beta, teacher_temperature=teacher_temperature)
     if chunk_size is None:
         chunk_size = auto_chunk_size(hidden.shape[0], v, hidden.dtype, 0)
-    sorted_indices, log_p = _sparse_teacher.native_inputs(indices, values.detach(), hidden, temperature, convention,
+    sorted_indices, log_p = _sparse_teacher.native_inputs(indices, values, hidden, temperature, convention,
                                                           teacher_temperature)
     loss, _, _, _ = _loss_op(hidden, weight, bias, [sorted_indices, log_p], [], [], None, target, temperature, alpha,
                              t2_scale, reduction, ignore_index, SPARSE_TEACHER, "prob", False, chosen, chunk_size,

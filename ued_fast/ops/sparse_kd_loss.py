@@ -44,8 +44,7 @@ import torch
 from torch import nn
 
 from . import _checks, _sparse_teacher, _spine
-from ._sparse_teacher import (CONVENTIONS, OP, VALUE_KINDS, _check_args, _prepare,  # noqa: F401 (re-exported)
-                              kernel_inputs, sparse_kd_loss_reference)
+from ._sparse_teacher import CONVENTIONS, OP, VALUE_KINDS, _check_args, sparse_kd_loss_reference
 from ..reference import REDUCTIONS
 
 
@@ -57,9 +56,8 @@ def _forward(student: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
     sorted_indices, sorted_log_p = _sparse_teacher.native_inputs(indices, values, student, temperature, convention,
                                                                  teacher_temperature)
     c = _spine.kd_coefficients(temperature, alpha, t2_scale, target is not None, divergence=divergence, beta=beta)
-    rows, grad = _spine.native_op(backend, OP, f"{OP}_fwd")(
-        student, sorted_indices, sorted_log_p, target, c.inv_student_temp, c.kd_coef, c.ce_coef, c.divergence,
-        c.beta, ignore_index, compute_grad)
+    rows, grad = _sparse_teacher.forward_rows(backend, student, sorted_indices, sorted_log_p, target, c, ignore_index,
+                                              compute_grad)
     return _spine.reduce_rows(rows, grad, target, ignore_index, reduction, student.shape[1])
 
 
